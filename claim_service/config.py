@@ -1,0 +1,100 @@
+"""Settings, parsed from ``CLAIM_*`` environment variables in one place."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from claim_service.errors import ConfigError
+
+DEV_JWT_SECRET = "dev-only-secret-change-me-0123456789abcdef"
+DEV_ADMIN_TOKEN = "dev-admin-token"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Runtime configuration. Secrets are kept out of ``repr``."""
+
+    redis_url: str | None = None
+    database_url: str | None = None
+    timezone: str = "Asia/Shanghai"
+    jwt_secret: str = field(default=DEV_JWT_SECRET, repr=False)
+    jwt_public_key: str | None = field(default=None, repr=False)
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    admin_token: str = field(default=DEV_ADMIN_TOKEN, repr=False)
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    max_body_bytes: int = 16 * 1024
+    admin_max_body_bytes: int = 16 * 1024 * 1024
+    batch_max: int = 256
+    writer_batch: int = 500
+    writer_block_ms: int = 1000
+    writer_claim_idle_ms: int = 15_000
+    data_dir: Path = Path(".claim-data")
+    log_format: str = "text"
+    log_level: str = "INFO"
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from ``CLAIM_<FIELD>`` variables; ``overrides`` win."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get("CLAIM_" + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _coerce(f.name, f.type, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def with_urls(self, redis_url: str, database_url: str) -> Settings:
+        return replace(self, redis_url=redis_url, database_url=database_url)
+
+    def validate(self) -> None:
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ConfigError(f"CLAIM_TIMEZONE: unknown time zone {self.timezone!r}") from exc
+        if self.workers < 1:
+            raise ConfigError("CLAIM_WORKERS must be at least 1")
+        if self.batch_max < 1 or self.writer_batch < 1:
+            raise ConfigError("batch sizes must be at least 1")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError("CLAIM_LOG_FORMAT must be 'text' or 'json'")
+
+    def require_urls(self) -> tuple[str, str]:
+        if not self.redis_url or not self.database_url:
+            raise ConfigError(
+                "CLAIM_REDIS_URL and CLAIM_DATABASE_URL must be set "
+                "(`claim-service dev` starts local servers and prints them)"
+            )
+        return self.redis_url, self.database_url
+
+
+def _coerce(name: str, type_: Any, raw: str) -> Any:
+    type_name = type_ if isinstance(type_, str) else getattr(type_, "__name__", str(type_))
+    try:
+        if type_name == "int":
+            return int(raw)
+        if type_name == "Path":
+            return Path(raw)
+    except ValueError as exc:
+        raise ConfigError(f"CLAIM_{name.upper()}: expected an integer, got {raw!r}") from exc
+    if name == "jwt_public_key" and not raw.lstrip().startswith("-----"):
+        # Allow pointing at a PEM file instead of inlining it.
+        path = Path(raw)
+        if path.is_file():
+            return path.read_text()
+    return raw

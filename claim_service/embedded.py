@@ -162,7 +162,7 @@ class EmbeddedPostgres:
             "-h", "127.0.0.1", "-p", str(self.port), "-k", str(self.data_dir),
             "-c", "max_connections=200",
             "-c", "shared_buffers=128MB",
-            "-c", f"logging_collector=off",
+            "-c", "logging_collector=off",
         ]  # fmt: skip
         if self.ephemeral:
             # Throw-away clusters for tests trade crash safety of the *server* for speed;

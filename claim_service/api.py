@@ -1,0 +1,203 @@
+"""Member-facing routes: claim, look up claims, the catalogue, health and the OpenAPI doc."""
+
+from __future__ import annotations
+
+import asyncio
+from importlib import resources
+from typing import Any
+
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from claim_service import periods
+from claim_service.catalogue import ID_RE
+from claim_service.claim_records import find_claim, member_claims
+from claim_service.engine import MAX_ACCOUNT, MAX_REQUEST_ID, ClaimDecision, ClaimRequest
+from claim_service.errors import BackendUnavailable, NotFoundError, ValidationError
+from claim_service.web import (
+    ENGINE,
+    PG,
+    REDIS,
+    SETTINGS,
+    VERIFIER,
+    error_response,
+    json_response,
+    read_json,
+)
+
+READY_TIMEOUT_S = 2.0
+
+# claim.lua code -> (HTTP status, error code)
+REJECTIONS = {
+    "paused": (423, "paused"),
+    "not_open": (425, "not_open"),
+    "closed": (410, "closed"),
+    "unknown_option": (404, "unknown_option"),
+    "tier": (403, "tier_too_low"),
+    "quota": (409, "quota_exceeded"),
+    "sold_out": (410, "sold_out"),
+    "option_sold_out": (410, "sold_out"),
+}
+
+
+def member(request: web.Request) -> str:
+    from claim_service.auth import bearer
+
+    return request.app[VERIFIER].verify(bearer(request.headers.get("Authorization")))
+
+
+def _benefit_id(request: web.Request) -> str:
+    benefit_id = request.match_info["benefit_id"]
+    if not ID_RE.match(benefit_id):
+        raise NotFoundError("unknown_benefit", "no such benefit")
+    return benefit_id
+
+
+def parse_claim_body(data: dict[str, Any]) -> tuple[str, str | None, str]:
+    request_id = data.get("request_id")
+    if (
+        not isinstance(request_id, str)
+        or not 0 < len(request_id) <= MAX_REQUEST_ID
+        or not request_id.isprintable()
+    ):
+        raise ValidationError(
+            f"request_id must be a string of 1..{MAX_REQUEST_ID} printable characters",
+            field="request_id",
+        )
+    option_id = data.get("option_id")
+    if option_id is not None:
+        if not isinstance(option_id, str):
+            raise ValidationError("option_id must be a string", field="option_id")
+        if not ID_RE.match(option_id):
+            raise NotFoundError("unknown_option", f"benefit has no option {option_id!r}")
+    account = data.get("account", "")
+    if account is None:
+        account = ""
+    if not isinstance(account, str) or len(account) > MAX_ACCOUNT or not account.isprintable():
+        raise ValidationError(
+            f"account must be a string of at most {MAX_ACCOUNT} printable characters",
+            field="account",
+        )
+    return request_id, option_id, account
+
+
+async def post_claim(request: web.Request) -> web.Response:
+    user_id = member(request)
+    benefit_id = _benefit_id(request)
+    data = await read_json(request, request.app[SETTINGS].max_body_bytes)
+    request_id, option_id, account = parse_claim_body(data)
+    decision = await request.app[ENGINE].claim(
+        ClaimRequest(benefit_id, user_id, request_id, option_id, account)
+    )
+    return decision_response(decision)
+
+
+def decision_response(decision: ClaimDecision) -> web.Response:
+    if decision.accepted:
+        body = {
+            "claim_id": decision.claim_id,
+            "status": "accepted",
+            "benefit_id": decision.benefit_id,
+            "option_id": decision.option_id,
+            "period": decision.period,
+            "stock_left": decision.stock_left,
+            "created_at": decision.created_at.isoformat() if decision.created_at else None,
+            "replayed": decision.code == "dup",
+        }
+        return json_response(body, 200 if decision.code == "dup" else 202)
+    status, code = REJECTIONS[decision.code]
+    extra: dict[str, Any] = {"benefit_id": decision.benefit_id, "period": decision.period}
+    if decision.code == "not_open":
+        message = "this benefit is not open yet"
+    elif decision.code == "closed":
+        message = "this release has closed"
+    elif decision.code == "paused":
+        message = "claims for this benefit are paused"
+    elif decision.code == "tier":
+        message = "your tier does not qualify for this benefit"
+        extra["tier"] = decision.tier
+    elif decision.code == "quota":
+        message = "you have used your quota for this period"
+        extra["quota"] = {"used": decision.used, "allowed": decision.quota}
+    elif decision.code == "option_sold_out":
+        message = f"option {decision.option_id!r} is sold out"
+        extra["option_id"] = decision.option_id
+    elif decision.code == "unknown_option":
+        message = f"benefit has no option {decision.option_id!r}"
+    else:
+        message = "sold out for this period"
+    if decision.code in ("not_open", "closed"):
+        extra["opens_at"] = decision.opens_at.isoformat() if decision.opens_at else None
+    if decision.code in ("sold_out", "option_sold_out"):
+        extra["stock_left"] = decision.stock_left
+    return error_response(status, code, message, **extra)
+
+
+async def get_claim(request: web.Request) -> web.Response:
+    user_id = member(request)
+    app = request.app
+    try:
+        claim = await find_claim(app[PG], app[REDIS], request.match_info["claim_id"],
+                                 app[SETTINGS].tz)  # fmt: skip
+    except RedisError as exc:
+        raise BackendUnavailable("Redis is unavailable") from exc
+    if claim is None or claim.pop("user_id") != user_id:
+        raise NotFoundError("unknown_claim", "no such claim")
+    return json_response(claim)
+
+
+async def list_my_claims(request: web.Request) -> web.Response:
+    user_id = member(request)
+    tz = request.app[SETTINGS].tz
+    period = request.query.get("period") or periods.current_period(tz)
+    periods.parse_period(period)
+    claims = await member_claims(request.app[PG], user_id, period)
+    return json_response({"period": period, "claims": claims})
+
+
+async def list_benefits(request: web.Request) -> web.Response:
+    user_id = member(request)
+    views = await request.app[ENGINE].member_catalogue(user_id)
+    return json_response({"benefits": views})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    checks: dict[str, str] = {}
+
+    async def redis_ok() -> None:
+        await request.app[REDIS].ping()
+
+    async def pg_ok() -> None:
+        await request.app[PG].fetchval("SELECT 1")
+
+    for name, probe in (("redis", redis_ok), ("postgres", pg_ok)):
+        try:
+            await asyncio.wait_for(probe(), READY_TIMEOUT_S)
+            checks[name] = "ok"
+        except Exception as exc:  # any failure means not ready
+            checks[name] = f"error: {type(exc).__name__}"
+    ready = all(v == "ok" for v in checks.values())
+    return json_response({"status": "ready" if ready else "unavailable", "checks": checks},
+                         200 if ready else 503)  # fmt: skip
+
+
+def openapi_document() -> bytes:
+    return (resources.files("claim_service") / "openapi.json").read_bytes()
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=openapi_document(), content_type="application/json")
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/benefits/{benefit_id}/claims", post_claim)
+    app.router.add_get("/v1/claims/{claim_id}", get_claim)
+    app.router.add_get("/v1/me/claims", list_my_claims)
+    app.router.add_get("/v1/benefits", list_benefits)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/openapi.json", openapi)

@@ -1,0 +1,344 @@
+"""The claims engine: coalesces concurrent claims per benefit into one ``claim.lua`` call.
+
+Concurrent requests for the same benefit that arrive within one event-loop turn are decided
+by a single EVALSHA (up to ``batch_max`` each), so the Redis round trip is shared. The engine
+knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from claim_service import periods
+from claim_service.catalogue import Benefit
+from claim_service.catalogue_store import benefit_from_config
+from claim_service.config import Settings
+from claim_service.errors import BackendUnavailable, NotFoundError, ValidationError
+from claim_service.keyspace import (
+    CATALOGUE_KEY,
+    CATALOGUE_NEGATIVE_TTL_S,
+    PERIOD_KEY_TTL_S,
+    STALE_RETRIES,
+    BenefitKeys,
+    Scripts,
+    text,
+    tiers_key,
+)
+
+log = logging.getLogger(__name__)
+
+ACCEPTED = ("ok", "dup")
+RESULT_WIDTH = 6
+MAX_REQUEST_ID = 64
+MAX_ACCOUNT = 128
+
+
+def new_claim_id() -> str:
+    """Time-ordered, 32 hex characters: 48-bit milliseconds then 80 random bits."""
+    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(10)}"
+
+
+@dataclass(frozen=True)
+class ClaimRequest:
+    benefit_id: str
+    user_id: str
+    request_id: str
+    option_id: str | None = None
+    account: str = ""
+
+
+@dataclass(frozen=True)
+class ClaimDecision:
+    """What ``claim.lua`` decided for one request.
+
+    ``code`` is ``ok`` (accepted now), ``dup`` (the same request accepted earlier) or a
+    rejection: ``paused``, ``not_open``, ``closed``, ``unknown_option``, ``tier``, ``quota``,
+    ``sold_out``, ``option_sold_out``.
+    """
+
+    code: str
+    benefit_id: str
+    option_id: str
+    period: str
+    stock_left: int
+    tier: int
+    claim_id: str | None = None
+    created_at: datetime | None = None
+    used: int = 0
+    quota: int = 0
+    opens_at: datetime | None = None
+
+    @property
+    def accepted(self) -> bool:
+        return self.code in ACCEPTED
+
+
+@dataclass
+class _Pending:
+    request: ClaimRequest
+    option_id: str
+    claim_id: str
+    future: asyncio.Future[ClaimDecision]
+
+
+@dataclass
+class _CacheEntry:
+    benefit: Benefit | None
+    loaded_at: float = field(default_factory=time.monotonic)
+
+
+class ClaimEngine:
+    """Decides claims; one instance per process, shared by every request handler."""
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.tz = settings.tz
+        self.scripts = Scripts(redis)
+        self._cache: dict[str, _CacheEntry] = {}
+        self._queues: dict[str, list[_Pending]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.batches = 0
+        self.batched_claims = 0
+
+    # -- catalogue -----------------------------------------------------------------------
+
+    async def benefit(self, benefit_id: str, *, refresh: bool = False) -> Benefit | None:
+        """The benefit as pushed to Redis, cached; ``claim.lua`` rejects stale copies."""
+        entry = self._cache.get(benefit_id)
+        if entry is not None and not refresh:
+            if entry.benefit is not None:
+                return entry.benefit
+            if time.monotonic() - entry.loaded_at < CATALOGUE_NEGATIVE_TTL_S:
+                return None
+        try:
+            raw, version = await self.redis.hmget(
+                BenefitKeys(benefit_id).config, ["json", "version"]
+            )
+        except RedisError as exc:
+            raise BackendUnavailable("Redis is unavailable") from exc
+        benefit = None
+        if raw is not None and version is not None:
+            benefit = benefit_from_config(raw, int(version), self.tz)
+        self._cache[benefit_id] = _CacheEntry(benefit)
+        return benefit
+
+    async def benefit_ids(self) -> list[str]:
+        try:
+            members = await self.redis.smembers(CATALOGUE_KEY)
+        except RedisError as exc:
+            raise BackendUnavailable("Redis is unavailable") from exc
+        return sorted(text(m) for m in members)
+
+    def window(self, benefit: Benefit, period: str) -> tuple[datetime, datetime | None]:
+        return benefit.release.window(period, self.tz)
+
+    def next_opening(self, benefit: Benefit, now: datetime | None = None) -> datetime | None:
+        """The next time claims open, or ``None`` when the release is over for good."""
+        now = now or datetime.now(self.tz)
+        period = periods.period_of(now, self.tz)
+        opens, closes = self.window(benefit, period)
+        if now < opens:
+            return opens
+        if closes is None or now < closes:
+            return opens  # open now
+        if benefit.release.type == "monthly":
+            return self.window(benefit, periods.next_period(period))[0]
+        return None
+
+    # -- claims --------------------------------------------------------------------------
+
+    async def claim(self, request: ClaimRequest) -> ClaimDecision:
+        """Decide one claim (coalesced with concurrent ones into a batch)."""
+        benefit = await self.benefit(request.benefit_id)
+        if benefit is None:
+            raise NotFoundError("unknown_benefit", f"no benefit {request.benefit_id!r}")
+        option_id = request.option_id
+        if option_id is None:
+            if len(benefit.options) != 1:
+                choices = ", ".join(o.option_id for o in benefit.options)
+                raise ValidationError(
+                    f"option_id is required for this benefit (one of: {choices})",
+                    field="option_id",
+                )
+            option_id = benefit.options[0].option_id
+        elif benefit.option(option_id) is None:
+            raise NotFoundError("unknown_option", f"benefit has no option {option_id!r}")
+        loop = asyncio.get_running_loop()
+        pending = _Pending(request, option_id, new_claim_id(), loop.create_future())
+        queue = self._queues.get(request.benefit_id)
+        if queue is None:
+            queue = self._queues[request.benefit_id] = []
+            # Flush on the next loop turn: every request parsed in this turn joins the batch.
+            loop.call_soon(self._flush, request.benefit_id)
+        queue.append(pending)
+        return await pending.future
+
+    def _flush(self, benefit_id: str) -> None:
+        queue = self._queues.pop(benefit_id, [])
+        size = self.settings.batch_max
+        for start in range(0, len(queue), size):
+            task = asyncio.create_task(self._run_batch(benefit_id, queue[start : start + size]))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run_batch(self, benefit_id: str, batch: list[_Pending]) -> None:
+        try:
+            decisions = await self._decide(benefit_id, batch)
+        except Exception as exc:  # every waiter must hear about a failed batch
+            if not isinstance(exc, BackendUnavailable | NotFoundError):
+                log.exception("claim batch for %s failed", benefit_id)
+                exc = BackendUnavailable("claim could not be decided")
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            return
+        for item, decision in zip(batch, decisions, strict=True):
+            if not item.future.done():
+                item.future.set_result(decision)
+
+    async def _decide(self, benefit_id: str, batch: list[_Pending]) -> list[ClaimDecision]:
+        keys = BenefitKeys(benefit_id)
+        for _attempt in range(STALE_RETRIES + 1):
+            benefit = await self.benefit(benefit_id)
+            if benefit is None:
+                raise NotFoundError("unknown_benefit", f"no benefit {benefit_id!r}")
+            period = periods.current_period(self.tz)
+            opens, closes = self.window(benefit, period)
+            argv: list[Any] = [
+                benefit.version,
+                period,
+                periods.to_ms(opens),
+                periods.to_ms(closes) if closes else 0,
+                PERIOD_KEY_TTL_S,
+                len(batch),
+            ]
+            for item in batch:
+                req = item.request
+                argv += [req.user_id, req.request_id, item.option_id, item.claim_id, req.account]
+            try:
+                raw = await self.scripts.claim(keys=keys.claim_keys(period), args=argv)
+            except RedisError as exc:
+                raise BackendUnavailable("Redis is unavailable") from exc
+            self.batches += 1
+            self.batched_claims += len(batch)
+            head = text(raw[0])
+            if head == "missing":
+                self._cache.pop(benefit_id, None)
+                raise NotFoundError("unknown_benefit", f"no benefit {benefit_id!r}")
+            if head == "stale":
+                await self.benefit(benefit_id, refresh=True)
+                continue
+            return [
+                self._decision(
+                    benefit, period, opens, raw[i * RESULT_WIDTH : (i + 1) * RESULT_WIDTH]
+                )
+                for i in range(len(batch))
+            ]
+        raise BackendUnavailable("benefit configuration kept changing; retry")
+
+    def _decision(
+        self, benefit: Benefit, period: str, opens: datetime, row: list[Any]
+    ) -> ClaimDecision:
+        code, claim_id, option_id = text(row[0]), text(row[1]), text(row[2])
+        stock_left, tier, extra = int(row[3]), int(row[4]), int(row[5])
+        created = periods.from_ms(extra, self.tz) if code in ACCEPTED else None
+        opens_at = None
+        if code == "not_open":
+            opens_at = opens
+        elif code == "closed":
+            opens_at = self.next_opening(benefit)
+        return ClaimDecision(
+            code=code,
+            benefit_id=benefit.benefit_id,
+            option_id=option_id,
+            period=period,
+            stock_left=max(stock_left, 0),
+            tier=tier,
+            claim_id=claim_id or None,
+            created_at=created,
+            used=extra if code == "quota" else 0,
+            quota=benefit.quota_for(tier),
+            opens_at=opens_at,
+        )
+
+    async def drain(self) -> None:
+        """Wait for batches already sent to Redis (used on shutdown)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- member views --------------------------------------------------------------------
+
+    async def member_catalogue(self, user_id: str) -> list[dict[str, Any]]:
+        """Every benefit as the member sees it now: eligibility, quota, stock, opening."""
+        period = periods.current_period(self.tz)
+        now = datetime.now(self.tz)
+        ids = await self.benefit_ids()
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hget(tiers_key(period), user_id)
+                for bid in ids:
+                    keys = BenefitKeys(bid)
+                    pipe.hmget(keys.config, ["json", "version"])
+                    pipe.hmget(keys.stock(period), ["added", "taken"])
+                    pipe.hget(keys.used(period), user_id)
+                results = await pipe.execute()
+        except RedisError as exc:
+            raise BackendUnavailable("Redis is unavailable") from exc
+        tier = int(results[0]) if results[0] is not None else 0
+        views = []
+        for i, bid in enumerate(ids):
+            (raw, version), (added, taken), used = results[1 + 3 * i : 4 + 3 * i]
+            if raw is None:
+                continue
+            benefit = benefit_from_config(raw, int(version), self.tz)
+            self._cache[bid] = _CacheEntry(benefit)
+            stock_left = benefit.stock_per_period + int(added or 0) - int(taken or 0)
+            views.append(self._view(benefit, period, now, tier, int(used or 0), max(stock_left, 0)))
+        return views
+
+    def _view(
+        self, benefit: Benefit, period: str, now: datetime, tier: int, used: int, left: int
+    ) -> dict[str, Any]:
+        opens, closes = self.window(benefit, period)
+        allowed = benefit.quota_for(tier)
+        reason = None
+        if tier < benefit.min_tier:
+            reason = "tier_too_low"
+        elif used >= allowed:
+            reason = "quota_exceeded"
+        elif benefit.paused:
+            reason = "paused"
+        elif now < opens:
+            reason = "not_open"
+        elif closes is not None and now >= closes:
+            reason = "closed"
+        elif left <= 0:
+            reason = "sold_out"
+        next_open = self.next_opening(benefit, now)
+        return {
+            "benefit_id": benefit.benefit_id,
+            "name": benefit.name,
+            "min_tier": benefit.min_tier,
+            "period": period,
+            "options": [
+                {"option_id": o.option_id, "name": o.name, "kind": o.kind} for o in benefit.options
+            ],
+            "can_claim": reason is None,
+            "reason": reason,
+            "tier": tier,
+            "quota": {"used": used, "allowed": allowed},
+            "stock_left": left,
+            "paused": benefit.paused,
+            "opens_at": next_open.isoformat() if next_open else None,
+            "closes_at": closes.isoformat() if closes else None,
+        }

@@ -1,0 +1,110 @@
+"""Every Redis key name, timeout constant and Lua script load lives here.
+
+All keys of one benefit carry the hash tag ``{b:<benefit_id>}`` so that, on a Redis Cluster,
+they share one hash slot and one Lua call can touch them all. The tier snapshot is shared by
+all benefits and is therefore the one key outside that slot (see ``tiers``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
+PREFIX = "claim"
+CATALOGUE_KEY = f"{PREFIX}:benefits"  # set of benefit ids pushed to Redis
+WRITER_GROUP = "writers"
+# Per-period keys outlive their month so late retries and reports still find them, then
+# expire; PostgreSQL keeps the permanent record.
+PERIOD_KEY_TTL_S = 100 * 24 * 3600
+CATALOGUE_NEGATIVE_TTL_S = 1.0
+REDIS_SOCKET_TIMEOUT_S = 5.0
+REDIS_CONNECT_RETRIES = 20
+STALE_RETRIES = 2
+TOKEN_CACHE_SIZE = 100_000
+
+
+def text(value: object) -> str:
+    """A Redis reply value as ``str`` (replies are bytes; tests may use decoded clients)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def tiers_key(period: str) -> str:
+    return f"{PREFIX}:tiers:{period}"
+
+
+@dataclass(frozen=True)
+class BenefitKeys:
+    """The keys of one benefit; ``period`` selects the per-period ones."""
+
+    benefit_id: str
+
+    @property
+    def tag(self) -> str:
+        return "{b:" + self.benefit_id + "}"
+
+    @property
+    def config(self) -> str:
+        return f"{PREFIX}:{self.tag}:cfg"
+
+    @property
+    def stream(self) -> str:
+        return f"{PREFIX}:{self.tag}:stream"
+
+    @property
+    def pending(self) -> str:
+        return f"{PREFIX}:{self.tag}:pending"
+
+    def stock(self, period: str) -> str:
+        return f"{PREFIX}:{self.tag}:stock:{period}"
+
+    def used(self, period: str) -> str:
+        return f"{PREFIX}:{self.tag}:used:{period}"
+
+    def idempotency(self, period: str) -> str:
+        return f"{PREFIX}:{self.tag}:idem:{period}"
+
+    def claim_keys(self, period: str) -> list[str]:
+        """KEYS for ``claim.lua``, in the order the script expects."""
+        return [
+            self.config,
+            self.stock(period),
+            self.used(period),
+            self.idempotency(period),
+            self.stream,
+            tiers_key(period),
+            self.pending,
+        ]
+
+
+def benefit_id_from_stream(stream_key: str) -> str:
+    start = stream_key.index("{b:") + 3
+    return stream_key[start : stream_key.index("}", start)]
+
+
+def _data_dir(name: str) -> Path:
+    """Locate ``lua/`` or ``migrations/``: packaged in a wheel, or at the repo root."""
+    packaged = resources.files("claim_service") / name
+    if packaged.is_dir():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parent.parent / name
+
+
+def lua_source(name: str) -> str:
+    return (_data_dir("lua") / f"{name}.lua").read_text()
+
+
+def migrations_dir() -> Path:
+    return _data_dir("migrations")
+
+
+class Scripts:
+    """The Lua scripts registered on one client (EVALSHA, falling back to EVAL once)."""
+
+    def __init__(self, client: Redis) -> None:
+        self.claim: AsyncScript = client.register_script(lua_source("claim"))
+        self.restore: AsyncScript = client.register_script(lua_source("restore"))
+        self.push_config: AsyncScript = client.register_script(lua_source("push_config"))

@@ -1,0 +1,64 @@
+"""Periods: calendar months in the service's time zone, written ``YYYY-MM``."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from claim_service.errors import ValidationError
+
+PERIOD_RE = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
+
+
+def period_of(moment: datetime, tz: ZoneInfo) -> str:
+    local = moment.astimezone(tz)
+    return f"{local.year:04d}-{local.month:02d}"
+
+
+def current_period(tz: ZoneInfo) -> str:
+    return period_of(datetime.now(tz), tz)
+
+
+def parse_period(text: str) -> tuple[int, int]:
+    match = PERIOD_RE.match(text)
+    if not match:
+        raise ValidationError("period must be written YYYY-MM", field="period")
+    return int(match.group(1)), int(match.group(2))
+
+
+def period_start(period: str, tz: ZoneInfo) -> datetime:
+    year, month = parse_period(period)
+    return datetime(year, month, 1, tzinfo=tz)
+
+
+def next_period(period: str) -> str:
+    year, month = parse_period(period)
+    return f"{year + month // 12:04d}-{month % 12 + 1:02d}"
+
+
+def period_end(period: str, tz: ZoneInfo) -> datetime:
+    return period_start(next_period(period), tz)
+
+
+def days_in_period(period: str) -> int:
+    year, month = parse_period(period)
+    start = datetime(year, month, 1)
+    nxt = datetime(year + month // 12, month % 12 + 1, 1)
+    return (nxt - start).days
+
+
+def to_ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+def from_ms(ms: int, tz: ZoneInfo) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz)
+
+
+def local_day_time(period: str, day: int, minute_of_day: int, tz: ZoneInfo) -> datetime:
+    """Day ``day`` (clamped to the month's length) at ``minute_of_day`` local time."""
+    year, month = parse_period(period)
+    day = min(day, days_in_period(period))
+    naive = datetime(year, month, day) + timedelta(minutes=minute_of_day)
+    return naive.replace(tzinfo=tz)

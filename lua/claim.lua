@@ -1,0 +1,147 @@
+-- claim.lua: decide a batch of claims on one benefit for one period, atomically.
+--
+-- KEYS[1] cfg     hash  version, paused, min_tier, stock, quota ("tier:n,tier:n"), benefit_id,
+--                       opt:<option_id> = per-period cap of the option (-1: none)
+-- KEYS[2] stock   hash  added (ops top-ups), taken, taken:<option_id>     (this period)
+-- KEYS[3] used    hash  <user_id> = claims taken by the member             (this period)
+-- KEYS[4] idem    hash  <len>:<user_id><request_id> = "claim_id|option_id|tier|created_ms"
+-- KEYS[5] stream  the durable hand-off read by the writer's consumer group
+-- KEYS[6] tiers   hash  <user_id> = tier for this period (missing: tier 0)
+-- KEYS[7] pending hash  <claim_id> = stream entry id, until the writer has persisted it
+--
+-- ARGV[1] config version the caller's copy of the benefit was built from
+-- ARGV[2] period "YYYY-MM"   ARGV[3] opens_at ms   ARGV[4] closes_at ms (0: none)
+-- ARGV[5] ttl of the per-period keys in seconds   ARGV[6] n = number of claims
+-- then n groups of 5: user_id, request_id, option_id, new claim_id, account
+--
+-- Returns {"missing"} or {"stale", version} for the whole batch, otherwise 6 values per
+-- claim: code, claim_id, option_id, stock_left, tier, extra, where code is one of
+-- ok | dup | paused | not_open | closed | unknown_option | tier | quota | sold_out |
+-- option_sold_out, and extra is created_ms for ok/dup and the member's used count for quota.
+
+local cfg = redis.call('HMGET', KEYS[1], 'version', 'paused', 'min_tier', 'stock', 'quota',
+  'benefit_id')
+if not cfg[1] then
+  return {'missing'}
+end
+if cfg[1] ~= ARGV[1] then
+  return {'stale', cfg[1]}
+end
+
+local paused = cfg[2] == '1'
+local min_tier = tonumber(cfg[3])
+local stock = tonumber(cfg[4])
+local steps = {}
+for t, q in string.gmatch(cfg[5] or '', '(%d+):(%d+)') do
+  steps[#steps + 1] = {tonumber(t), tonumber(q)}
+end
+local benefit_id = cfg[6]
+
+local period = ARGV[2]
+local opens_ms = tonumber(ARGV[3])
+local closes_ms = tonumber(ARGV[4])
+local ttl = tonumber(ARGV[5])
+local n = tonumber(ARGV[6])
+
+local clock = redis.call('TIME')
+local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+
+local counters = redis.call('HMGET', KEYS[2], 'added', 'taken')
+local added = tonumber(counters[1] or '0')
+local taken = tonumber(counters[2] or '0')
+
+local function quota_for(tier)
+  local allowed = 0
+  for _, step in ipairs(steps) do
+    if tier >= step[1] then
+      allowed = step[2]
+    end
+  end
+  return allowed
+end
+
+local option_caps = {}
+local option_taken = {}
+local out = {}
+local accepted = 0
+
+for i = 0, n - 1 do
+  local base = 7 + i * 5
+  local user = ARGV[base]
+  local request_id = ARGV[base + 1]
+  local option_id = ARGV[base + 2]
+  local claim_id = ARGV[base + 3]
+  local account = ARGV[base + 4]
+  local idem_field = #user .. ':' .. user .. request_id
+  local left = stock + added - taken
+  local prior = redis.call('HGET', KEYS[4], idem_field)
+  local code, extra, tier = nil, 0, 0
+
+  if prior then
+    local pc, po, pt, pms = string.match(prior, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
+    claim_id, option_id, tier, extra, code = pc, po, tonumber(pt), tonumber(pms), 'dup'
+  elseif paused then
+    code = 'paused'
+  elseif now_ms < opens_ms then
+    code = 'not_open'
+  elseif closes_ms > 0 and now_ms >= closes_ms then
+    code = 'closed'
+  else
+    local cap = option_caps[option_id]
+    if cap == nil then
+      cap = redis.call('HGET', KEYS[1], 'opt:' .. option_id)
+      if cap then
+        cap = tonumber(cap)
+        option_caps[option_id] = cap
+        option_taken[option_id] = tonumber(redis.call('HGET', KEYS[2], 'taken:' .. option_id)
+          or '0')
+      end
+    end
+    tier = tonumber(redis.call('HGET', KEYS[6], user) or '0')
+    if not cap then
+      code = 'unknown_option'
+    elseif tier < min_tier then
+      code = 'tier'
+    else
+      local used = tonumber(redis.call('HGET', KEYS[3], user) or '0')
+      if used >= quota_for(tier) then
+        code, extra = 'quota', used
+      elseif left <= 0 then
+        code = 'sold_out'
+      elseif cap >= 0 and option_taken[option_id] >= cap then
+        code = 'option_sold_out'
+      else
+        taken = taken + 1
+        left = left - 1
+        option_taken[option_id] = option_taken[option_id] + 1
+        redis.call('HINCRBY', KEYS[2], 'taken', 1)
+        redis.call('HINCRBY', KEYS[2], 'taken:' .. option_id, 1)
+        redis.call('HINCRBY', KEYS[3], user, 1)
+        redis.call('HSET', KEYS[4], idem_field,
+          claim_id .. '|' .. option_id .. '|' .. tier .. '|' .. now_ms)
+        local entry = redis.call('XADD', KEYS[5], '*', 'c', claim_id, 'r', request_id,
+          'u', user, 'b', benefit_id, 'o', option_id, 'p', period, 't', tier, 'a', account,
+          'ts', now_ms)
+        redis.call('HSET', KEYS[7], claim_id, entry)
+        accepted = accepted + 1
+        code, extra = 'ok', now_ms
+      end
+    end
+  end
+  if code ~= 'ok' and code ~= 'dup' then
+    claim_id = ''
+  end
+  out[#out + 1] = code
+  out[#out + 1] = claim_id
+  out[#out + 1] = option_id
+  out[#out + 1] = left
+  out[#out + 1] = tier
+  out[#out + 1] = extra
+end
+
+if accepted > 0 then
+  redis.call('EXPIRE', KEYS[2], ttl)
+  redis.call('EXPIRE', KEYS[3], ttl)
+  redis.call('EXPIRE', KEYS[4], ttl)
+end
+return out

@@ -22,13 +22,17 @@ MIGRATION_LOCK = 0x636C61696D  # advisory lock id: one migrator at a time
 
 async def create_redis(url: str, *, max_connections: int = 64) -> aioredis.Redis:
     """A pooled Redis client; waits (with retries) until the server answers PING."""
-    client: aioredis.Redis = aioredis.Redis.from_url(
+    # A blocking pool makes a burst wait briefly for a free connection instead of failing
+    # with "Too many connections".
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
+        timeout=REDIS_SOCKET_TIMEOUT_S,
         socket_timeout=REDIS_SOCKET_TIMEOUT_S,
         socket_connect_timeout=REDIS_SOCKET_TIMEOUT_S,
         health_check_interval=30,
     )
+    client: aioredis.Redis = aioredis.Redis(connection_pool=pool)
     for attempt in range(1, REDIS_CONNECT_RETRIES + 1):
         try:
             await client.ping()

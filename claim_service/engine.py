@@ -105,6 +105,7 @@ class ClaimEngine:
         self.tz = settings.tz
         self.scripts = Scripts(redis)
         self._cache: dict[str, _CacheEntry] = {}
+        self._loading: dict[str, asyncio.Future[Benefit | None]] = {}
         self._queues: dict[str, list[_Pending]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.batches = 0
@@ -120,6 +121,15 @@ class ClaimEngine:
                 return entry.benefit
             if time.monotonic() - entry.loaded_at < CATALOGUE_NEGATIVE_TTL_S:
                 return None
+        # Concurrent misses share one load instead of stampeding Redis.
+        loading = self._loading.get(benefit_id)
+        if loading is None:
+            loading = asyncio.ensure_future(self._load(benefit_id))
+            self._loading[benefit_id] = loading
+            loading.add_done_callback(lambda _: self._loading.pop(benefit_id, None))
+        return await asyncio.shield(loading)
+
+    async def _load(self, benefit_id: str) -> Benefit | None:
         try:
             raw, version = await self.redis.hmget(
                 BenefitKeys(benefit_id).config, ["json", "version"]

@@ -56,24 +56,30 @@ def error_response(status: int, code: str, message: str, **extra: Any) -> web.Re
     return json_response({"error": code, "message": message, **extra}, status, headers)
 
 
-async def read_json(request: web.Request, limit: int) -> dict[str, Any]:
-    """The body as a JSON object; 413 past ``limit`` bytes, 400 for anything not an object."""
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body; 413 as soon as it passes ``limit`` bytes (chunked bodies included)."""
     length = request.content_length
     if length is not None and length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=length)
-    body = await request.content.read(limit + 1)
-    if len(body) > limit:
-        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(body))
+    chunks: list[bytes] = []
+    size = 0
+    # StreamReader.read(n) returns whatever is buffered, so read until EOF.
+    while chunk := await request.content.read(65536):
+        size += len(chunk)
+        if size > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json(request: web.Request, limit: int) -> dict[str, Any]:
+    """The body as a JSON object; 413 past ``limit`` bytes, 400 for anything not an object."""
+    body = await read_body(request, limit)
     return _object(body)
 
 
 async def read_json_any(request: web.Request, limit: int) -> Any:
-    length = request.content_length
-    if length is not None and length > limit:
-        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=length)
-    body = await request.content.read(limit + 1)
-    if len(body) > limit:
-        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(body))
+    body = await read_body(request, limit)
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:

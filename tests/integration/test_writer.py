@@ -1,0 +1,116 @@
+"""The writer moves every accepted claim into PostgreSQL exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+from redis.asyncio import Redis
+
+from claim_service import catalogue_store, periods
+from claim_service.catalogue import parse_benefit
+from claim_service.config import Settings
+from claim_service.engine import ClaimEngine, ClaimRequest
+from claim_service.keyspace import WRITER_GROUP, BenefitKeys
+from claim_service.tiers import save_tiers
+from claim_service.writer import ClaimWriter, ensure_group
+from tests.conftest import benefit_body
+
+
+async def make_claims(
+    settings: Settings, redis: Redis, pool: asyncpg.Pool, n: int, stock: int = 1000
+) -> list[str]:
+    benefit = parse_benefit("video", benefit_body(stock=stock), settings.tz)
+    benefit = await catalogue_store.save_benefit(pool, benefit)
+    await catalogue_store.push_benefit(redis, benefit)
+    period = periods.current_period(settings.tz)
+    await save_tiers(pool, redis, period, [(f"m{i}", 5) for i in range(n)])
+    engine = ClaimEngine(redis, settings)
+    decisions = await asyncio.gather(
+        *(engine.claim(ClaimRequest("video", f"m{i}", "r", "iqiyi")) for i in range(n))
+    )
+    return [d.claim_id for d in decisions if d.accepted and d.claim_id]
+
+
+def fast(settings: Settings) -> Settings:
+    from dataclasses import replace
+
+    return replace(settings, writer_block_ms=50)
+
+
+async def drain(writer: ClaimWriter, rounds: int = 50) -> None:
+    """Step the writer until a full round finds nothing left to do."""
+    idle = 0
+    for _ in range(rounds):
+        idle = idle + 1 if await writer.step() == 0 else 0
+        if idle >= 2:
+            return
+
+
+async def test_writer_persists_each_claim_once(
+    settings: Settings, redis: Redis, pool: asyncpg.Pool
+) -> None:
+    accepted = await make_claims(settings, redis, pool, 300, stock=250)
+    assert len(accepted) == 250
+    writer = ClaimWriter(redis, pool, fast(settings))
+    await drain(writer)
+    rows = await pool.fetch("SELECT claim_id, user_id, tier, status FROM claims")
+    assert sorted(r["claim_id"] for r in rows) == sorted(accepted)
+    assert {r["status"] for r in rows} == {"accepted"}
+    assert {r["tier"] for r in rows} == {5}
+    keys = BenefitKeys("video")
+    assert await redis.xlen(keys.stream) == 0
+    assert await redis.hlen(keys.pending) == 0
+
+
+async def test_replayed_entries_make_no_second_row(
+    settings: Settings, redis: Redis, pool: asyncpg.Pool
+) -> None:
+    accepted = await make_claims(settings, redis, pool, 20)
+    keys = BenefitKeys("video")
+    await ensure_group(redis, keys.stream)
+    entries: list[Any] = await redis.xrange(keys.stream)
+    writer = ClaimWriter(redis, pool, fast(settings))
+    # Write the same entries twice, as a writer that died after COMMIT but before XACK would.
+    await writer.write(keys.stream, entries)
+    await writer.write(keys.stream, entries)
+    assert await pool.fetchval("SELECT count(*) FROM claims") == len(accepted) == 20
+    assert writer.stats.inserted == 20 and writer.stats.duplicates == 20
+
+
+async def test_pending_entries_of_a_dead_writer_are_taken_over(
+    settings: Settings, redis: Redis, pool: asyncpg.Pool
+) -> None:
+    from dataclasses import replace
+
+    accepted = await make_claims(settings, redis, pool, 50)
+    keys = BenefitKeys("video")
+    await ensure_group(redis, keys.stream)
+    # A writer reads a batch, then "dies" before writing it: the entries stay pending.
+    delivered = await redis.xreadgroup(WRITER_GROUP, "dead-writer", {keys.stream: ">"}, count=30)
+    assert len(delivered[0][1]) == 30
+    quick = replace(fast(settings), writer_claim_idle_ms=50)
+    survivor = ClaimWriter(redis, pool, quick)
+    await asyncio.sleep(0.1)
+    await drain(survivor)
+    await asyncio.sleep(1.1)  # the reclaim pass runs at most once a second
+    await drain(survivor)
+    assert await pool.fetchval("SELECT count(*) FROM claims") == len(accepted)
+    assert survivor.stats.reclaimed == 30
+    pending = await redis.xpending(keys.stream, WRITER_GROUP)
+    assert pending["pending"] == 0
+
+
+async def test_malformed_entries_are_dead_lettered(
+    settings: Settings, redis: Redis, pool: asyncpg.Pool
+) -> None:
+    await make_claims(settings, redis, pool, 3)
+    keys = BenefitKeys("video")
+    await ensure_group(redis, keys.stream)
+    await redis.xadd(keys.stream, {"c": "broken"})
+    writer = ClaimWriter(redis, pool, fast(settings))
+    await drain(writer)
+    assert await pool.fetchval("SELECT count(*) FROM claims") == 3
+    assert writer.stats.dead_lettered == 1
+    assert await redis.xlen("claim:deadletter") == 1

@@ -184,14 +184,16 @@ async def _setup(
                         headers=admin) as resp:  # fmt: skip
         resp.raise_for_status()
     period = periods.current_period(settings.tz)
-    tiers = [{"user_id": f"m{i:06d}", "tier": tier_of(i, options.seed)}
-             for i in range(options.members)]  # fmt: skip
+    tiers: list[dict[str, Any]] = [
+        {"user_id": f"m{i:06d}", "tier": tier_of(i, options.seed)} for i in range(options.members)
+    ]
     for start in range(0, len(tiers), 5000):
         async with http.put(f"{base}/admin/v1/tiers/{period}", json=tiers[start : start + 5000],
                             headers=admin) as resp:  # fmt: skip
             resp.raise_for_status()
-    eligible = sum(1 for t in tiers if t["tier"] >= 4)
-    demand = sum(2 if t["tier"] >= 8 else 1 for t in tiers if t["tier"] >= 4)
+    levels = [int(t["tier"]) for t in tiers]
+    eligible = sum(1 for t in levels if t >= 4)
+    demand = sum(2 if t >= 8 else 1 for t in levels if t >= 4)
     _say(f"benefit {benefit_id}: {options.stock:,} units, 3 options, opens at "
          f"{opens:%H:%M:%S %Z}; {options.members:,} members loaded, {eligible:,} of them V4+ "
          f"wanting {demand:,} units")  # fmt: skip

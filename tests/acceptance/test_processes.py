@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -53,8 +53,10 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
         proc.wait(10)
 
 
-async def wait_for(predicate, timeout: float = 30.0, every: float = 0.05) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
+async def wait_for(
+    predicate: Callable[[], Awaitable[bool]], within: float = 30.0, every: float = 0.05
+) -> None:
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         if await predicate():
             return
@@ -114,7 +116,7 @@ async def test_writer_killed_mid_batch_loses_and_duplicates_nothing(
     async def complete() -> bool:
         return await rows() >= total and await redis.xlen(stream) == 0
 
-    await wait_for(complete, timeout=60)
+    await wait_for(complete, within=60)
     assert kills == 3
     assert await rows() == total
     assert await pool.fetchval("SELECT count(DISTINCT claim_id) FROM claims") == total
@@ -150,8 +152,9 @@ async def test_multi_worker_server_burst(
                             json=benefit_body(stock=stock)) as resp:  # fmt: skip
             assert resp.status == 201
         period = periods.current_period(settings.tz)
+        snapshot = [{"user_id": u, "tier": t} for u, t in tiers.items()]
         async with http.put(f"{base}/admin/v1/tiers/{period}", headers=admin(settings),
-                            json=[{"user_id": u, "tier": t} for u, t in tiers.items()]) as resp:  # fmt: skip
+                            json=snapshot) as resp:  # fmt: skip
             assert resp.status == 200
         codes: Counter[str] = Counter()
         accepted: Counter[str] = Counter()
@@ -178,4 +181,4 @@ async def test_multi_worker_server_burst(
     async def persisted() -> bool:
         return int(await pool.fetchval("SELECT count(*) FROM claims")) == stock
 
-    await wait_for(persisted, timeout=20)
+    await wait_for(persisted, within=20)

@@ -84,8 +84,9 @@ async def _set_paused(request: web.Request, paused: bool) -> web.Response:
     _admin(request)
     app = request.app
     benefit_id = check_id(request.match_info["benefit_id"], "benefit_id")
-    benefit = await catalogue_store.set_paused(app[PG], app[REDIS], app[SETTINGS].tz,
-                                               benefit_id, paused)  # fmt: skip
+    benefit = await catalogue_store.set_paused(
+        app[PG], app[REDIS], app[SETTINGS].tz, benefit_id, paused
+    )
     await app[ENGINE].benefit(benefit_id, refresh=True)
     return json_response(benefit.to_json())
 
@@ -111,7 +112,7 @@ async def add_stock(request: web.Request) -> web.Response:
         raise ValidationError("period must be written YYYY-MM", field="period")
     periods.parse_period(period)
     note = data.get("note")
-    if note is not None and (not isinstance(note, str) or len(note) > 500):
+    if note is not None and (not isinstance(note, str) or len(note) > 500 or "\x00" in note):
         raise ValidationError("note must be a string of at most 500 characters", field="note")
     await catalogue_store.add_stock(app[PG], app[REDIS], benefit_id, period, amount, note)
     return json_response(await _stock(request, benefit_id, period))

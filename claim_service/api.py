@@ -14,11 +14,13 @@ from claim_service.catalogue import ID_RE
 from claim_service.claim_records import find_claim, member_claims
 from claim_service.engine import MAX_ACCOUNT, MAX_REQUEST_ID, ClaimDecision, ClaimRequest
 from claim_service.errors import BackendUnavailable, NotFoundError, ValidationError
+from claim_service.vouchers import reveal
 from claim_service.web import (
     ENGINE,
     PG,
     REDIS,
     SETTINGS,
+    VAULT,
     VERIFIER,
     error_response,
     json_response,
@@ -137,12 +139,17 @@ async def get_claim(request: web.Request) -> web.Response:
     user_id = member(request)
     app = request.app
     try:
-        claim = await find_claim(app[PG], app[REDIS], request.match_info["claim_id"],
-                                 app[SETTINGS].tz)  # fmt: skip
+        claim = await find_claim(
+            app[PG], app[REDIS], request.match_info["claim_id"], app[SETTINGS].tz
+        )
     except RedisError as exc:
         raise BackendUnavailable("Redis is unavailable") from exc
     if claim is None or claim.pop("user_id") != user_id:
         raise NotFoundError("unknown_claim", "no such claim")
+    if claim["status"] == "fulfilled":
+        voucher = await reveal(app[PG], app[VAULT], claim["claim_id"])
+        if voucher is not None:
+            claim["voucher"] = voucher
     return json_response(claim)
 
 
@@ -181,12 +188,21 @@ async def readyz(request: web.Request) -> web.Response:
         except Exception as exc:  # any failure means not ready
             checks[name] = f"error: {type(exc).__name__}"
     ready = all(v == "ok" for v in checks.values())
-    return json_response({"status": "ready" if ready else "unavailable", "checks": checks},
-                         200 if ready else 503)  # fmt: skip
+    return json_response(
+        {"status": "ready" if ready else "unavailable", "checks": checks}, 200 if ready else 503
+    )
 
 
 def openapi_document() -> bytes:
     return (resources.files("claim_service") / "openapi.json").read_bytes()
+
+
+async def prometheus_metrics(request: web.Request) -> web.Response:
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    response = web.Response(body=generate_latest())
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -201,3 +217,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/openapi.json", openapi)
+    app.router.add_get("/metrics", prometheus_metrics)

@@ -83,7 +83,11 @@ class TokenVerifier:
             or not isinstance(exp, int | float)
         ):
             raise AuthError("token subject is not a valid member id")
-        self._remember(token, sub, float(exp))
+        try:
+            expires = float(exp)
+        except OverflowError as exc:  # a signed but absurd integer expiry
+            raise AuthError("invalid token") from exc
+        self._remember(token, sub, expires)
         return sub
 
     def _remember(self, token: str, sub: str, exp: float) -> None:
@@ -96,9 +100,14 @@ def bearer(header: str | None) -> str:
     if not header:
         raise AuthError("missing Authorization header")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
         raise AuthError("Authorization must be 'Bearer <token>'")
-    return token.strip()
+    # Header bytes that are not UTF-8 arrive as surrogate escapes that cannot be encoded
+    # again for a JWT or a digest; a bearer token is ASCII anyway (RFC 6750).
+    if not token.isascii():
+        raise AuthError("malformed token")
+    return token
 
 
 def check_admin(header: str | None, settings: Settings) -> None:

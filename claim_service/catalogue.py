@@ -11,12 +11,17 @@ from zoneinfo import ZoneInfo
 from claim_service import periods
 from claim_service.errors import ValidationError
 
-ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-TIME_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
+# \Z, not $: "$" also matches before a trailing newline, and "video\n" is no id.
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+TIME_RE = re.compile(r"^([01][0-9]|2[0-3]):([0-5][0-9])\Z")
+# Names and SKUs are shown to members and sent to partners; PostgreSQL rejects NUL outright.
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 KINDS = ("direct_charge", "card_key")
+ON_FAILURE = ("refund", "hold")
 MAX_TIER = 99
 MAX_STOCK = 1_000_000_000
 MAX_OPTIONS = 64
+MAX_QUOTA = 1000
 
 
 def check_id(value: Any, what: str) -> str:
@@ -106,6 +111,7 @@ class Benefit:
     options: tuple[Option, ...]
     paused: bool = False
     version: int = 0
+    on_failure: str = "refund"
 
     def option(self, option_id: str) -> Option | None:
         for option in self.options:
@@ -132,28 +138,33 @@ class Benefit:
             "stock_per_period": self.stock_per_period,
             "release": self.release.to_json(),
             "paused": self.paused,
+            "on_failure": self.on_failure,
             "version": self.version,
             "options": [o.to_json() for o in self.options],
         }
 
 
-def _int(data: dict[str, Any], name: str, lo: int, hi: int, default: int | None = None) -> int:
-    value = data.get(name, default)
+def _int(data: dict[str, Any], name: str, lo: int, hi: int, where: str = "") -> int:
+    """``data[name]``; errors name the field as ``where + name`` (``options[2].stock_cap``)."""
+    field = where + name
+    value = data.get(name)
     if value is None:
-        raise ValidationError(f"{name} is required", field=name)
+        raise ValidationError(f"{field} is required", field=field)
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ValidationError(f"{name} must be an integer in {lo}..{hi}", field=name)
+        raise ValidationError(f"{field} must be an integer in {lo}..{hi}", field=field)
     return value
 
 
-def _str(data: dict[str, Any], name: str, max_len: int, required: bool = False) -> str | None:
+def _str(data: dict[str, Any], name: str, max_len: int, where: str = "") -> str | None:
+    field = where + name
     value = data.get(name)
     if value is None:
-        if required:
-            raise ValidationError(f"{name} is required", field=name)
         return None
-    if not isinstance(value, str) or not 0 < len(value) <= max_len:
-        raise ValidationError(f"{name} must be a string of 1..{max_len} characters", field=name)
+    if not isinstance(value, str) or not 0 < len(value) <= max_len or CONTROL_RE.search(value):
+        raise ValidationError(
+            f"{field} must be a string of 1..{max_len} characters, no control characters",
+            field=field,
+        )
     return value
 
 
@@ -179,17 +190,18 @@ def parse_release(data: Any, tz: ZoneInfo) -> Release:
         raise ValidationError("release must be an object", field="release")
     kind = data.get("type")
     if kind == "monthly":
-        day = _int(data, "day", 1, 31)
+        day = _int(data, "day", 1, 31, "release.")
         minute = _minute(data.get("time", "00:00"), "release.time")
         close_day = data.get("close_day")
         close_minute = 0
         if close_day is not None:
-            close_day = _int(data, "close_day", 1, 31)
+            close_day = _int(data, "close_day", 1, 31, "release.")
             close_minute = _minute(data.get("close_time", "00:00"), "release.close_time")
             if (close_day, close_minute) <= (day, minute):
                 raise ValidationError("release must close after it opens", field="release")
-        return Release("monthly", day=day, minute=minute, close_day=close_day,
-                       close_minute=close_minute)  # fmt: skip
+        return Release(
+            "monthly", day=day, minute=minute, close_day=close_day, close_minute=close_minute
+        )
     if kind == "once":
         opens = _instant(data.get("opens_at"), "release.opens_at", tz)
         closes = None
@@ -203,17 +215,21 @@ def parse_release(data: Any, tz: ZoneInfo) -> Release:
 
 def parse_quota(data: Any, min_tier: int) -> tuple[QuotaStep, ...]:
     if isinstance(data, int) and not isinstance(data, bool):
-        data = [{"min_tier": min_tier, "per_period": data}]
+        return (QuotaStep(min_tier, _int({"quota": data}, "quota", 0, MAX_QUOTA)),)
     if not isinstance(data, list) or not data:
         raise ValidationError(
             "quota must be an integer or a non-empty list of {min_tier, per_period}", field="quota"
         )
     steps = []
-    for item in data:
+    for i, item in enumerate(data):
+        where = f"quota[{i}]"
         if not isinstance(item, dict):
-            raise ValidationError("quota entries must be objects", field="quota")
+            raise ValidationError(f"{where} must be an object", field=where)
         steps.append(
-            QuotaStep(_int(item, "min_tier", 0, MAX_TIER), _int(item, "per_period", 0, 1000))
+            QuotaStep(
+                _int(item, "min_tier", 0, MAX_TIER, where + "."),
+                _int(item, "per_period", 0, MAX_QUOTA, where + "."),
+            )
         )
     steps.sort(key=lambda s: s.min_tier)
     if len({s.min_tier for s in steps}) != len(steps):
@@ -221,23 +237,27 @@ def parse_quota(data: Any, min_tier: int) -> tuple[QuotaStep, ...]:
     return tuple(steps)
 
 
-def parse_option(data: Any) -> Option:
+def parse_option(data: Any, index: int = 0) -> Option:
+    where = f"options[{index}]"
     if not isinstance(data, dict):
-        raise ValidationError("each option must be an object", field="options")
-    option_id = check_id(data.get("option_id"), "option_id")
+        raise ValidationError(f"{where} must be an object", field=where)
+    option_id = check_id(data.get("option_id"), f"{where}.option_id")
     kind = data.get("kind", "direct_charge")
     if kind not in KINDS:
-        raise ValidationError(f"option kind must be one of {', '.join(KINDS)}", field="kind")
-    partner = _str(data, "partner", 64)
+        raise ValidationError(
+            f"{where}.kind must be one of {', '.join(KINDS)}", field=f"{where}.kind"
+        )
+    partner = _str(data, "partner", 64, where + ".")
     if partner is not None:
-        check_id(partner, "partner")
-    sku = _str(data, "sku", 128)
+        check_id(partner, f"{where}.partner")
+    sku = _str(data, "sku", 128, where + ".")
     if kind == "direct_charge" and (partner is None or sku is None):
-        raise ValidationError("a direct_charge option needs partner and sku", field="options")
+        missing = f"{where}.partner" if partner is None else f"{where}.sku"
+        raise ValidationError("a direct_charge option needs partner and sku", field=missing)
     cap = data.get("stock_cap")
     if cap is not None:
-        cap = _int(data, "stock_cap", 0, MAX_STOCK)
-    name = _str(data, "name", 200) or option_id
+        cap = _int(data, "stock_cap", 0, MAX_STOCK, where + ".")
+    name = _str(data, "name", 200, where + ".") or option_id
     return Option(option_id, name, kind, partner, sku, cap)
 
 
@@ -250,12 +270,15 @@ def parse_benefit(benefit_id: str, data: Any, tz: ZoneInfo, version: int = 0) ->
     options_data = data.get("options")
     if not isinstance(options_data, list) or not 0 < len(options_data) <= MAX_OPTIONS:
         raise ValidationError(f"options must be a list of 1..{MAX_OPTIONS}", field="options")
-    options = tuple(parse_option(o) for o in options_data)
+    options = tuple(parse_option(o, i) for i, o in enumerate(options_data))
     if len({o.option_id for o in options}) != len(options):
         raise ValidationError("option ids must be unique", field="options")
     paused = data.get("paused", False)
     if not isinstance(paused, bool):
         raise ValidationError("paused must be a boolean", field="paused")
+    on_failure = data.get("on_failure", "refund")
+    if on_failure not in ON_FAILURE:
+        raise ValidationError("on_failure must be 'refund' or 'hold'", field="on_failure")
     return Benefit(
         benefit_id=benefit_id,
         name=_str(data, "name", 200) or benefit_id,
@@ -266,4 +289,5 @@ def parse_benefit(benefit_id: str, data: Any, tz: ZoneInfo, version: int = 0) ->
         options=options,
         paused=paused,
         version=version,
+        on_failure=on_failure,
     )

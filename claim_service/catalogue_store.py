@@ -41,6 +41,8 @@ def config_fields(benefit: Benefit) -> dict[str, str | int]:
     }
     for option in benefit.options:
         fields["opt:" + option.option_id] = -1 if option.stock_cap is None else option.stock_cap
+        if option.kind == "card_key":
+            fields["card:" + option.option_id] = 1
     return fields
 
 
@@ -63,31 +65,41 @@ def benefit_from_config(raw_json: bytes | str, version: int, tz: ZoneInfo) -> Be
 
 async def save_benefit(pool: asyncpg.Pool, benefit: Benefit) -> Benefit:
     """Create or replace a benefit and its options; returns it with its new version."""
-    quota = orjson.dumps([{"min_tier": s.min_tier, "per_period": s.per_period}
-                          for s in benefit.quota]).decode()  # fmt: skip
+    quota = orjson.dumps(
+        [{"min_tier": s.min_tier, "per_period": s.per_period} for s in benefit.quota]
+    ).decode()
     release = orjson.dumps(benefit.release.to_json()).decode()
     async with pool.acquire() as conn, conn.transaction():
         version = await conn.fetchval(
             """INSERT INTO benefits (benefit_id, name, min_tier, quota, stock_per_period,
-                                     release, paused)
-               VALUES ($1, $2, $3, $4::jsonb, $5, $6::jsonb, $7)
+                                     release, paused, on_failure)
+               VALUES ($1, $2, $3, $4::jsonb, $5, $6::jsonb, $7, $8)
                ON CONFLICT (benefit_id) DO UPDATE SET
                    name = EXCLUDED.name, min_tier = EXCLUDED.min_tier,
                    quota = EXCLUDED.quota, stock_per_period = EXCLUDED.stock_per_period,
                    release = EXCLUDED.release, paused = EXCLUDED.paused,
+                   on_failure = EXCLUDED.on_failure,
                    version = benefits.version + 1, updated_at = now()
                RETURNING version""",
-            benefit.benefit_id, benefit.name, benefit.min_tier, quota,
-            benefit.stock_per_period, release, benefit.paused,
-        )  # fmt: skip
+            benefit.benefit_id,
+            benefit.name,
+            benefit.min_tier,
+            quota,
+            benefit.stock_per_period,
+            release,
+            benefit.paused,
+            benefit.on_failure,
+        )
         await conn.execute("DELETE FROM benefit_options WHERE benefit_id = $1", benefit.benefit_id)
         await conn.executemany(
             """INSERT INTO benefit_options (benefit_id, option_id, position, name, kind,
                                             partner, sku, stock_cap)
                VALUES ($1, $2, $3, $4, $5, $6, $7, $8)""",
-            [(benefit.benefit_id, o.option_id, i, o.name, o.kind, o.partner, o.sku, o.stock_cap)
-             for i, o in enumerate(benefit.options)],
-        )  # fmt: skip
+            [
+                (benefit.benefit_id, o.option_id, i, o.name, o.kind, o.partner, o.sku, o.stock_cap)
+                for i, o in enumerate(benefit.options)
+            ],
+        )
     return _with_version(benefit, int(version))
 
 
@@ -119,6 +131,7 @@ async def load_benefits(
             "stock_per_period": row["stock_per_period"],
             "release": orjson.loads(row["release"]),
             "paused": row["paused"],
+            "on_failure": row["on_failure"],
             "options": orjson.loads(row["options"]),
         }
         benefits.append(parse_benefit(row["benefit_id"], data, tz, version=row["version"]))
@@ -160,8 +173,11 @@ async def add_stock(
             raise NotFoundError("unknown_benefit", f"no benefit {benefit_id!r}")
         await conn.execute(
             "INSERT INTO stock_additions (benefit_id, period, amount, note) VALUES ($1,$2,$3,$4)",
-            benefit_id, period, amount, note,
-        )  # fmt: skip
+            benefit_id,
+            period,
+            amount,
+            note,
+        )
     try:
         keys = BenefitKeys(benefit_id)
         async with redis.pipeline(transaction=True) as pipe:
@@ -195,6 +211,7 @@ async def warm(
     for period in report.periods:
         report.tiers_loaded += await push_tiers_from_db(pool, redis, period)
         report.counters_restored += await _restore_counters(pool, scripts, period)
+    report.counters_restored += await _restore_codes(pool, scripts)
     return report
 
 
@@ -209,7 +226,8 @@ async def _restore_counters(pool: asyncpg.Pool, scripts: Scripts, period: str) -
         restored += await _restore(scripts, keys.stock(period), "max", [("added", row["n"])])
     taken = await pool.fetch(
         """SELECT benefit_id, option_id, count(*) AS n FROM claims
-           WHERE period = $1 GROUP BY ROLLUP (benefit_id, option_id)""",
+           WHERE period = $1 AND status <> 'refunded'
+           GROUP BY ROLLUP (benefit_id, option_id)""",
         period,
     )
     for row in taken:
@@ -220,7 +238,7 @@ async def _restore_counters(pool: asyncpg.Pool, scripts: Scripts, period: str) -
         restored += await _restore(scripts, keys.stock(period), "max", [(field, row["n"])])
     async with pool.acquire() as conn, conn.transaction():
         cursor = conn.cursor(
-            """SELECT benefit_id, user_id, count(*) AS n,
+            """SELECT benefit_id, user_id, count(*) FILTER (WHERE status <> 'refunded') AS n,
                       array_agg(request_id) AS requests, array_agg(claim_id) AS claim_ids,
                       array_agg(option_id) AS options, array_agg(tier) AS tiers,
                       array_agg((extract(epoch FROM created_at) * 1000)::bigint) AS created
@@ -235,22 +253,55 @@ async def _restore_counters(pool: asyncpg.Pool, scripts: Scripts, period: str) -
             user = row["user_id"]
             used.setdefault(bid, []).append((user, row["n"]))
             for req, cid, opt, tier, created in zip(
-                row["requests"], row["claim_ids"], row["options"], row["tiers"],
-                row["created"], strict=True,
-            ):  # fmt: skip
+                row["requests"],
+                row["claim_ids"],
+                row["options"],
+                row["tiers"],
+                row["created"],
+                strict=True,
+            ):
                 field = f"{len(user)}:{user}{req}"
                 idem.setdefault(bid, []).append((field, f"{cid}|{opt}|{tier}|{created}"))
     for bid, pairs in used.items():
         restored += await _restore(scripts, BenefitKeys(bid).used(period), "max", pairs)
     for bid, pairs in idem.items():
         restored += await _restore(scripts, BenefitKeys(bid).idempotency(period), "setnx", pairs)
+    refunded = await pool.fetch(
+        "SELECT benefit_id, claim_id FROM claims WHERE period = $1 AND status = 'refunded'",
+        period,
+    )
+    async with scripts.client.pipeline(transaction=False) as pipe:
+        for row in refunded:
+            pipe.sadd(BenefitKeys(row["benefit_id"]).refunded(period), row["claim_id"])
+            pipe.expire(BenefitKeys(row["benefit_id"]).refunded(period), PERIOD_KEY_TTL_S)
+        await pipe.execute()
     return restored
 
 
-async def _restore(scripts: Scripts, key: str, mode: str, pairs: list[tuple[str, Any]]) -> int:
+async def _restore_codes(pool: asyncpg.Pool, scripts: Scripts) -> int:
+    """Free-code counters of card-key options, only where Redis lost them."""
+    from claim_service.vouchers import pool_levels, reserved_without_code
+
+    restored = 0
+    for level in await pool_levels(pool):
+        bid, oid = level["benefit_id"], level["option_id"]
+        free = level["free"] - await reserved_without_code(pool, bid, oid)
+        restored += await _restore(
+            scripts, BenefitKeys(bid).codes, "setnx", [(oid, max(free, 0))], ttl_s=0
+        )
+    return restored
+
+
+async def _restore(
+    scripts: Scripts,
+    key: str,
+    mode: str,
+    pairs: list[tuple[str, Any]],
+    ttl_s: int = PERIOD_KEY_TTL_S,
+) -> int:
     written = 0
     for start in range(0, len(pairs), RESTORE_CHUNK):
-        argv: list[Any] = [mode, PERIOD_KEY_TTL_S]
+        argv: list[Any] = [mode, ttl_s]
         for field, value in pairs[start : start + RESTORE_CHUNK]:
             argv += [field, value]
         written += int(await scripts.restore(keys=[key], args=argv))

@@ -14,7 +14,10 @@ from claim_service.keyspace import CATALOGUE_KEY, BenefitKeys, text
 
 CLAIM_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
-COLUMNS = "claim_id, request_id, user_id, benefit_id, option_id, period, tier, status, created_at"
+COLUMNS = (
+    "claim_id, request_id, user_id, benefit_id, option_id, period, tier, status, created_at, "
+    "updated_at"
+)
 
 
 def claim_json(row: dict[str, Any] | asyncpg.Record) -> dict[str, Any]:
@@ -28,6 +31,7 @@ def claim_json(row: dict[str, Any] | asyncpg.Record) -> dict[str, Any]:
         "tier": row["tier"],
         "status": row["status"],
         "created_at": created.isoformat() if isinstance(created, datetime) else created,
+        "updated_at": row["updated_at"].isoformat() if row.get("updated_at") else None,
     }
 
 

@@ -141,8 +141,7 @@ def cmd_load_tiers(settings: Settings, args: argparse.Namespace) -> int:
 
         total = await load_tier_csv(pool, redis, Path(args.file), args.period, progress)
         print(file=sys.stderr)
-        print(f"loaded {total:,} tier rows for {args.period} "
-              f"in {time.monotonic() - started:.1f}s")  # fmt: skip
+        print(f"loaded {total:,} tier rows for {args.period} in {time.monotonic() - started:.1f}s")
         return 0
 
     return run_async(with_pools(settings, body))
@@ -162,6 +161,48 @@ def cmd_writer(settings: Settings, args: argparse.Namespace) -> int:
 
         writer = ClaimWriter(redis, pool, settings)
         await writer.run(stop_event())
+        return 0
+
+    return run_async(with_pools(settings, body))
+
+
+def cmd_fulfil(settings: Settings, args: argparse.Namespace) -> int:
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port, addr="127.0.0.1")
+
+    async def body(redis: Any, pool: Any) -> int:
+        from claim_service.fulfilment import FulfilmentWorker
+
+        await FulfilmentWorker(pool, redis, settings).run(stop_event())
+        return 0
+
+    return run_async(with_pools(settings, body, pg_size=10))
+
+
+def cmd_load_codes(settings: Settings, args: argparse.Namespace) -> int:
+    async def body(redis: Any, pool: Any) -> int:
+        from claim_service.vault import Vault
+        from claim_service.vouchers import load_codes, pool_levels, read_code_csv
+
+        report = await load_codes(
+            pool,
+            redis,
+            Vault(settings.codes_key),
+            args.benefit,
+            args.option,
+            read_code_csv(Path(args.file), settings.tz),
+        )
+        levels = [
+            lv for lv in await pool_levels(pool, args.benefit) if lv["option_id"] == args.option
+        ]
+        free = levels[0]["free"] if levels else 0
+        print(
+            f"loaded {report.loaded:,} code(s) for {args.benefit}/{args.option} "
+            f"({report.duplicates:,} duplicate(s) skipped, {report.expired:,} already "
+            f"expired); {free:,} free in the pool"
+        )
         return 0
 
     return run_async(with_pools(settings, body))
@@ -201,8 +242,11 @@ def _serve_one(settings: Settings, with_writer: bool, reuse_port: bool) -> None:
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     settings.require_urls()
-    print(f"claim-service {__version__} listening on http://{settings.host}:{settings.port} "
-          f"with {settings.workers} worker(s)", flush=True)  # fmt: skip
+    print(
+        f"claim-service {__version__} listening on http://{settings.host}:{settings.port} "
+        f"with {settings.workers} worker(s)",
+        flush=True,
+    )
     if settings.workers == 1:
         _serve_one(settings, args.writer, reuse_port=False)
         return 0
@@ -236,8 +280,10 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
     with servers:
         local = settings.with_urls(servers.redis_url, servers.database_url)
         cmd_migrate(local, args)
-        print(f"export CLAIM_REDIS_URL={servers.redis_url} "
-              f"CLAIM_DATABASE_URL={servers.database_url}", flush=True)  # fmt: skip
+        print(
+            f"export CLAIM_REDIS_URL={servers.redis_url} CLAIM_DATABASE_URL={servers.database_url}",
+            flush=True,
+        )
         print("servers are up; press Ctrl-C to stop them", file=sys.stderr, flush=True)
         stop = {"now": False}
 
@@ -282,8 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stock", type=int, default=8000)
     p.add_argument("--members", type=int, default=20000)
     p.add_argument("--concurrency", type=int, default=200)
-    p.add_argument("--retries", type=float, default=0.1,
-                   help="share of requests retried with the same request_id")  # fmt: skip
+    p.add_argument(
+        "--retries",
+        type=float,
+        default=0.1,
+        help="share of requests retried with the same request_id",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("dev", help="start local Valkey and PostgreSQL and print their URLs")
@@ -299,6 +349,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("writer", help="persist accepted claims from Redis to PostgreSQL")
     p.set_defaults(func=cmd_writer)
+
+    p = sub.add_parser("fulfil", help="deliver persisted claims (card-key and direct charge)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    p.set_defaults(func=cmd_fulfil)
+
+    p = sub.add_parser("load-codes", help="load redemption codes (CSV: code[,secret[,expires_at]])")
+    p.add_argument("benefit")
+    p.add_argument("option")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_load_codes)
+
+    from claim_service import partner_sim
+
+    p = sub.add_parser("partner-sim", help="run the fulfilment partner simulator")
+    partner_sim.add_arguments(p)
+    p.set_defaults(func=lambda _settings, args: partner_sim.run(args))
 
     p = sub.add_parser("migrate", help="apply pending database migrations")
     p.set_defaults(func=cmd_migrate)

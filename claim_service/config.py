@@ -10,6 +10,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from claim_service.errors import ConfigError
+from claim_service.vault import DEV_CODES_KEY, parse_key
 
 DEV_JWT_SECRET = "dev-only-secret-change-me-0123456789abcdef"
 DEV_ADMIN_TOKEN = "dev-admin-token"
@@ -37,6 +38,17 @@ class Settings:
     writer_block_ms: int = 1000
     writer_claim_idle_ms: int = 15_000
     data_dir: Path = Path(".claim-data")
+    codes_key: str = field(default=DEV_CODES_KEY, repr=False)
+    codes_low_watermark: int = 100
+    fulfil_batch: int = 100
+    fulfil_concurrency: int = 64
+    fulfil_poll_ms: int = 200
+    fulfil_lease_s: int = 60
+    fulfil_processing_recheck_s: int = 60
+    retry_base_ms: int = 500
+    retry_max_ms: int = 30_000
+    breaker_threshold: int = 5
+    breaker_cooldown_ms: int = 2_000
     log_format: str = "text"
     log_level: str = "INFO"
 
@@ -71,6 +83,7 @@ class Settings:
             raise ConfigError("CLAIM_WORKERS must be at least 1")
         if self.batch_max < 1 or self.writer_batch < 1:
             raise ConfigError("batch sizes must be at least 1")
+        parse_key(self.codes_key)
         if self.log_format not in ("text", "json"):
             raise ConfigError("CLAIM_LOG_FORMAT must be 'text' or 'json'")
 

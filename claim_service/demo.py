@@ -65,8 +65,9 @@ def _say(text: str) -> None:
 @contextlib.contextmanager
 def _servers(settings: Settings) -> Iterator[Settings]:
     if settings.redis_url and settings.database_url:
-        _say(f"using configured servers: {settings.redis_url} and PostgreSQL from "
-             "CLAIM_DATABASE_URL")  # fmt: skip
+        _say(
+            f"using configured servers: {settings.redis_url} and PostgreSQL from CLAIM_DATABASE_URL"
+        )
         yield settings
         return
     _say("starting embedded Valkey and PostgreSQL ...")
@@ -76,15 +77,17 @@ def _servers(settings: Settings) -> Iterator[Settings]:
 
 def _spawn(args: list[str], settings: Settings, logfile: Path) -> subprocess.Popen[bytes]:
     env = dict(os.environ)
-    env.update({
-        "CLAIM_REDIS_URL": settings.redis_url or "",
-        "CLAIM_DATABASE_URL": settings.database_url or "",
-        "CLAIM_PORT": str(settings.port),
-        "CLAIM_HOST": "127.0.0.1",
-        "CLAIM_JWT_SECRET": settings.jwt_secret,
-        "CLAIM_ADMIN_TOKEN": settings.admin_token,
-        "CLAIM_TIMEZONE": settings.timezone,
-    })  # fmt: skip
+    env.update(
+        {
+            "CLAIM_REDIS_URL": settings.redis_url or "",
+            "CLAIM_DATABASE_URL": settings.database_url or "",
+            "CLAIM_PORT": str(settings.port),
+            "CLAIM_HOST": "127.0.0.1",
+            "CLAIM_JWT_SECRET": settings.jwt_secret,
+            "CLAIM_ADMIN_TOKEN": settings.admin_token,
+            "CLAIM_TIMEZONE": settings.timezone,
+        }
+    )
     out = logfile.open("ab")
     return subprocess.Popen(
         [sys.executable, "-m", "claim_service", *args],
@@ -173,30 +176,44 @@ async def _setup(
         "stock_per_period": options.stock,
         "release": {"type": "once", "opens_at": opens.isoformat()},
         "options": [
-            {"option_id": "iqiyi", "name": "iQiyi VIP", "kind": "direct_charge",
-             "partner": "iqiyi", "sku": "IQY-MONTH"},
-            {"option_id": "tencent", "name": "Tencent Video VIP", "kind": "direct_charge",
-             "partner": "tencent", "sku": "TX-MONTH"},
+            {
+                "option_id": "iqiyi",
+                "name": "iQiyi VIP",
+                "kind": "direct_charge",
+                "partner": "iqiyi",
+                "sku": "IQY-MONTH",
+            },
+            {
+                "option_id": "tencent",
+                "name": "Tencent Video VIP",
+                "kind": "direct_charge",
+                "partner": "tencent",
+                "sku": "TX-MONTH",
+            },
             {"option_id": "youku", "name": "Youku VIP", "kind": "card_key"},
         ],
-    }  # fmt: skip
-    async with http.put(f"{base}/admin/v1/benefits/{benefit_id}", json=benefit,
-                        headers=admin) as resp:  # fmt: skip
+    }
+    async with http.put(
+        f"{base}/admin/v1/benefits/{benefit_id}", json=benefit, headers=admin
+    ) as resp:
         resp.raise_for_status()
     period = periods.current_period(settings.tz)
     tiers: list[dict[str, Any]] = [
         {"user_id": f"m{i:06d}", "tier": tier_of(i, options.seed)} for i in range(options.members)
     ]
     for start in range(0, len(tiers), 5000):
-        async with http.put(f"{base}/admin/v1/tiers/{period}", json=tiers[start : start + 5000],
-                            headers=admin) as resp:  # fmt: skip
+        async with http.put(
+            f"{base}/admin/v1/tiers/{period}", json=tiers[start : start + 5000], headers=admin
+        ) as resp:
             resp.raise_for_status()
     levels = [int(t["tier"]) for t in tiers]
     eligible = sum(1 for t in levels if t >= 4)
     demand = sum(2 if t >= 8 else 1 for t in levels if t >= 4)
-    _say(f"benefit {benefit_id}: {options.stock:,} units, 3 options, opens at "
-         f"{opens:%H:%M:%S %Z}; {options.members:,} members loaded, {eligible:,} of them V4+ "
-         f"wanting {demand:,} units")  # fmt: skip
+    _say(
+        f"benefit {benefit_id}: {options.stock:,} units, 3 options, opens at "
+        f"{opens:%H:%M:%S %Z}; {options.members:,} members loaded, {eligible:,} of them V4+ "
+        f"wanting {demand:,} units"
+    )
 
 
 async def _burst(
@@ -269,10 +286,14 @@ async def _burst(
             frac = 1 - remaining / max(options.members, 1)
             bar = "#" * int(frac * width)
             left = "?" if stats.stock_left is None else f"{stats.stock_left:,}"
-            print(f"\r  [{bar:<{width}}] {options.members - remaining:>6,}/{options.members:,} "
-                  f"members  requests {stats.sent:>7,}  accepted {stats.accepted:>6,}  "
-                  f"stock left {left:>6}", end="" if tty else "\n", file=sys.stderr,
-                  flush=True)  # fmt: skip
+            print(
+                f"\r  [{bar:<{width}}] {options.members - remaining:>6,}/{options.members:,} "
+                f"members  requests {stats.sent:>7,}  accepted {stats.accepted:>6,}  "
+                f"stock left {left:>6}",
+                end="" if tty else "\n",
+                file=sys.stderr,
+                flush=True,
+            )
             await asyncio.sleep(0.2 if tty else 2.0)
 
     ticker = asyncio.create_task(progress())
@@ -300,26 +321,38 @@ async def _report(
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
     rows = 0
     while time.monotonic() < deadline:
-        rows = int(await pool.fetchval(
-            "SELECT count(*) FROM claims WHERE benefit_id = $1", benefit_id))  # fmt: skip
+        rows = int(
+            await pool.fetchval("SELECT count(*) FROM claims WHERE benefit_id = $1", benefit_id)
+        )
         if rows >= stats.accepted:
             break
         await asyncio.sleep(0.2)
     persisted_in = time.monotonic() - stats.finished_at
-    over_quota = int(await pool.fetchval(
-        """SELECT count(*) FROM (
+    over_quota = int(
+        await pool.fetchval(
+            """SELECT count(*) FROM (
                SELECT c.user_id, count(*) AS n, max(t.tier) AS tier FROM claims c
                JOIN tiers t ON t.period = c.period AND t.user_id = c.user_id
                WHERE c.benefit_id = $1 GROUP BY c.user_id) x
            WHERE n > CASE WHEN tier >= 8 THEN 2 WHEN tier >= 4 THEN 1 ELSE 0 END""",
-        benefit_id))  # fmt: skip
-    below_tier = int(await pool.fetchval(
-        """SELECT count(*) FROM claims c LEFT JOIN tiers t
+            benefit_id,
+        )
+    )
+    below_tier = int(
+        await pool.fetchval(
+            """SELECT count(*) FROM claims c LEFT JOIN tiers t
                ON t.period = c.period AND t.user_id = c.user_id
-           WHERE c.benefit_id = $1 AND coalesce(t.tier, 0) < 4""", benefit_id))  # fmt: skip
-    duplicates = int(await pool.fetchval(
-        """SELECT count(*) - count(DISTINCT (user_id, request_id)) FROM claims
-           WHERE benefit_id = $1""", benefit_id))  # fmt: skip
+           WHERE c.benefit_id = $1 AND coalesce(t.tier, 0) < 4""",
+            benefit_id,
+        )
+    )
+    duplicates = int(
+        await pool.fetchval(
+            """SELECT count(*) - count(DISTINCT (user_id, request_id)) FROM claims
+           WHERE benefit_id = $1""",
+            benefit_id,
+        )
+    )
     by_option = await pool.fetch(
         "SELECT option_id, count(*) AS n FROM claims WHERE benefit_id = $1 GROUP BY 1 ORDER BY 1",
         benefit_id,
@@ -331,8 +364,10 @@ async def _report(
     _say(f"== release summary ({period}, benefit {benefit_id}) ==")
     _say(f"  members                 {options.members:>10,}")
     _say(f"  requests sent           {stats.sent:>10,}   ({stats.sent / elapsed:,.0f}/s)")
-    _say(f"  accepted                {stats.accepted:>10,}   "
-         f"({stats.accepted / elapsed:,.0f} claims/s)")  # fmt: skip
+    _say(
+        f"  accepted                {stats.accepted:>10,}   "
+        f"({stats.accepted / elapsed:,.0f} claims/s)"
+    )
     _say(f"  retries replayed        {stats.replayed:>10,}   (same claim returned, no unit taken)")
     for code, n in sorted(stats.outcomes.items(), key=lambda kv: -kv[1]):
         if code == "not_open":
@@ -340,23 +375,27 @@ async def _report(
         elif code != "accepted":
             _say(f"  rejected {code:<15} {n:>10,}")
     _say("  time to sell out        " + (f"{sell_out:>9.2f}s" if sell_out else "   not sold out"))
-    _say(f"  rows in PostgreSQL      {rows:>10,}   (all persisted {persisted_in:.1f}s after the "
-         "burst)")  # fmt: skip
+    _say(
+        f"  rows in PostgreSQL      {rows:>10,}   (all persisted {persisted_in:.1f}s after the "
+        "burst)"
+    )
     _say(
         "  by option               " + ", ".join(f"{r['option_id']} {r['n']:,}" for r in by_option)
     )
 
     checks = [
         ("accepted <= stock", stats.accepted <= options.stock),
-        ("no undersell: stock reached 0 while demand lasted",
-         stats.accepted == options.stock or stats.outcomes["sold_out"] == 0),
+        (
+            "no undersell: stock reached 0 while demand lasted",
+            stats.accepted == options.stock or stats.outcomes["sold_out"] == 0,
+        ),
         ("no member over the quota of their tier", over_quota == 0),
         ("no claim below min_tier", below_tier == 0),
         ("retries returned the original claim", stats.replay_mismatch == 0),
         ("rows in PostgreSQL == accepted", rows == stats.accepted),
         ("no request persisted twice", duplicates == 0),
         ("no transport errors", stats.outcomes["client_error"] == 0),
-    ]  # fmt: skip
+    ]
     _say("== invariants ==")
     for name, ok in checks:
         _say(f"  [{'ok' if ok else 'FAIL'}] {name}")

@@ -103,15 +103,23 @@ class EmbeddedValkey:
         # (at most the last second is at risk on a power loss, not on a process kill).
         args = [
             str(valkey_binary()),
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--dir", str(self.data_dir),
-            "--save", "",
-            "--appendonly", "no" if self.ephemeral else "yes",
-            "--appendfsync", "everysec",
-            "--logfile", str(logfile),
-            "--maxclients", "10000",
-        ]  # fmt: skip
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.data_dir),
+            "--save",
+            "",
+            "--appendonly",
+            "no" if self.ephemeral else "yes",
+            "--appendfsync",
+            "everysec",
+            "--logfile",
+            str(logfile),
+            "--maxclients",
+            "10000",
+        ]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
         _wait_for_port(self.port, self.proc, "valkey-server", logfile)
         log.info("valkey-server %s listening on 127.0.0.1:%d", self.data_dir, self.port)
@@ -147,9 +155,15 @@ class EmbeddedPostgres:
         logfile = self.data_dir / "postgres.log"
         if not (pgdata / "PG_VERSION").exists():
             initdb = [
-                str(bindir / "initdb"), "-D", str(pgdata), "-U", "postgres",
-                "--auth=trust", "--encoding=UTF8", "--locale=C",
-            ]  # fmt: skip
+                str(bindir / "initdb"),
+                "-D",
+                str(pgdata),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C",
+            ]
             if self.ephemeral:
                 initdb.append("--no-sync")
             result = subprocess.run(
@@ -158,17 +172,33 @@ class EmbeddedPostgres:
             if result.returncode != 0:
                 raise EmbeddedServerError(f"initdb failed:\n{result.stdout}\n{result.stderr}")
         args = [
-            str(bindir / "postgres"), "-D", str(pgdata),
-            "-h", "127.0.0.1", "-p", str(self.port), "-k", str(self.data_dir),
-            "-c", "max_connections=200",
-            "-c", "shared_buffers=128MB",
-            "-c", "logging_collector=off",
-        ]  # fmt: skip
+            str(bindir / "postgres"),
+            "-D",
+            str(pgdata),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-k",
+            str(self.data_dir),
+            "-c",
+            "max_connections=200",
+            "-c",
+            "shared_buffers=128MB",
+            "-c",
+            "logging_collector=off",
+        ]
         if self.ephemeral:
             # Throw-away clusters for tests trade crash safety of the *server* for speed;
             # the claim pipeline's own guarantees are still exercised end to end.
-            args += ["-c", "fsync=off", "-c", "synchronous_commit=off",
-                     "-c", "full_page_writes=off"]  # fmt: skip
+            args += [
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+            ]
         with open(logfile, "ab") as out:
             self.proc = subprocess.Popen(
                 args,

@@ -37,3 +37,11 @@ class EmbeddedServerError(ClaimServiceError):
 
 class MigrationError(ClaimServiceError):
     """A schema migration failed to apply."""
+
+
+class ConflictError(ClaimServiceError):
+    """The request conflicts with the resource's current state (HTTP 409)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code

@@ -58,6 +58,13 @@ class BenefitKeys:
     def pending(self) -> str:
         return f"{PREFIX}:{self.tag}:pending"
 
+    @property
+    def codes(self) -> str:
+        return f"{PREFIX}:{self.tag}:codes"
+
+    def refunded(self, period: str) -> str:
+        return f"{PREFIX}:{self.tag}:refunded:{period}"
+
     def stock(self, period: str) -> str:
         return f"{PREFIX}:{self.tag}:stock:{period}"
 
@@ -77,6 +84,7 @@ class BenefitKeys:
             self.stream,
             tiers_key(period),
             self.pending,
+            self.codes,
         ]
 
 
@@ -105,6 +113,8 @@ class Scripts:
     """The Lua scripts registered on one client (EVALSHA, falling back to EVAL once)."""
 
     def __init__(self, client: Redis) -> None:
+        self.client = client
         self.claim: AsyncScript = client.register_script(lua_source("claim"))
         self.restore: AsyncScript = client.register_script(lua_source("restore"))
         self.push_config: AsyncScript = client.register_script(lua_source("push_config"))
+        self.refund: AsyncScript = client.register_script(lua_source("refund"))

@@ -36,9 +36,7 @@ def signed_headers(secret: str, body: bytes, now: float | None = None) -> dict[s
     }
 
 
-def verify(
-    secret: str, headers: Mapping[str, str], body: bytes, now: float | None = None
-) -> None:
+def verify(secret: str, headers: Mapping[str, str], body: bytes, now: float | None = None) -> None:
     """Raise ``SignatureError`` unless ``headers`` carry a fresh, valid signature of ``body``."""
     raw_ts = headers.get(TIMESTAMP_HEADER)
     signature = headers.get(SIGNATURE_HEADER)

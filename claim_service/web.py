@@ -16,7 +16,13 @@ from claim_service.auth import AuthError, TokenVerifier
 from claim_service.config import Settings
 from claim_service.connections import create_pg_pool, create_redis
 from claim_service.engine import ClaimEngine
-from claim_service.errors import BackendUnavailable, NotFoundError, ValidationError
+from claim_service.errors import (
+    BackendUnavailable,
+    ConflictError,
+    NotFoundError,
+    ValidationError,
+)
+from claim_service.vault import Vault
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +31,7 @@ REDIS = web.AppKey("redis", Redis)
 PG = web.AppKey("pg", asyncpg.Pool)
 ENGINE = web.AppKey("engine", ClaimEngine)
 VERIFIER = web.AppKey("verifier", TokenVerifier)
+VAULT = web.AppKey("vault", Vault)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -64,11 +71,14 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     # StreamReader.read(n) returns whatever is buffered, so read until EOF.
-    while chunk := await request.content.read(65536):
-        size += len(chunk)
-        if size > limit:
-            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
-        chunks.append(chunk)
+    try:
+        while chunk := await request.content.read(65536):
+            size += len(chunk)
+            if size > limit:
+                raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
+            chunks.append(chunk)
+    except web.RequestPayloadError as exc:  # bad gzip/deflate, unsupported Content-Encoding
+        raise ValidationError("request body could not be decoded") from exc
     return b"".join(chunks)
 
 
@@ -116,6 +126,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(401, "unauthorized", str(exc))
     except NotFoundError as exc:
         return error_response(404, exc.code, str(exc))
+    except ConflictError as exc:
+        return error_response(409, exc.code, str(exc))
     except BackendUnavailable as exc:
         log.warning("backend unavailable: %s (%s)", exc, exc.__cause__)
         return error_response(503, "unavailable", str(exc))
@@ -132,7 +144,7 @@ def create_app(
 ) -> web.Application:
     """The whole HTTP service. ``pools`` lets tests share clients; otherwise they are opened
     from the settings' URLs in ``cleanup_ctx`` and closed on shutdown."""
-    from claim_service import admin_api, api
+    from claim_service import admin_api, api, fulfilment_api
 
     app = web.Application(
         middlewares=[error_middleware],
@@ -141,6 +153,7 @@ def create_app(
     )
     app[SETTINGS] = settings
     app[VERIFIER] = TokenVerifier(settings)
+    app[VAULT] = Vault(settings.codes_key)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         if pools is not None:
@@ -161,4 +174,5 @@ def create_app(
     app.cleanup_ctx.append(resources)
     api.add_routes(app)
     admin_api.add_routes(app)
+    fulfilment_api.add_routes(app)
     return app

@@ -40,13 +40,19 @@ RECLAIM_EVERY_S = 1.0
 RETRY_BACKOFF_MAX_S = 5.0
 FIELDS = ("c", "r", "u", "b", "o", "p", "t", "a", "ts")
 
+# One statement: the rows and their first event, both only for entries not seen before.
 INSERT_SQL = """
-INSERT INTO claims (claim_id, request_id, user_id, benefit_id, option_id, period, tier,
-                    account, created_at)
-SELECT c, r, u, b, o, p, t, nullif(a, ''), to_timestamp(ts / 1000.0)
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-            $7::int[], $8::text[], $9::bigint[]) AS x(c, r, u, b, o, p, t, a, ts)
-ON CONFLICT DO NOTHING
+WITH inserted AS (
+    INSERT INTO claims (claim_id, request_id, user_id, benefit_id, option_id, period, tier,
+                        account, created_at)
+    SELECT c, r, u, b, o, p, t, nullif(a, ''), to_timestamp(ts / 1000.0)
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                $7::int[], $8::text[], $9::bigint[]) AS x(c, r, u, b, o, p, t, a, ts)
+    ON CONFLICT DO NOTHING
+    RETURNING claim_id, created_at
+)
+INSERT INTO claim_events (claim_id, from_status, to_status, reason, created_at)
+SELECT claim_id, NULL, 'accepted', 'claimed', created_at FROM inserted
 """
 
 Entry = tuple[bytes, dict[bytes, bytes]]
@@ -100,8 +106,12 @@ class ClaimWriter:
                 # read again from our own backlog once the backend is back.
                 self.stats.errors += 1
                 self._own_backlog = True
-                log.warning("writer step failed (%s: %s); retrying in %.1fs",
-                            type(exc).__name__, exc, backoff)  # fmt: skip
+                log.warning(
+                    "writer step failed (%s: %s); retrying in %.1fs",
+                    type(exc).__name__,
+                    exc,
+                    backoff,
+                )
                 try:
                     await asyncio.wait_for(stop.wait(), backoff)
                 except TimeoutError:
@@ -172,8 +182,12 @@ class ClaimWriter:
                 entries = [e for e in reply[1] if e and e[1]]
                 if entries:
                     self.stats.reclaimed += len(entries)
-                    log.info("writer %s took over %d idle entries of %s",
-                             self.consumer, len(entries), stream)  # fmt: skip
+                    log.info(
+                        "writer %s took over %d idle entries of %s",
+                        self.consumer,
+                        len(entries),
+                        stream,
+                    )
                     await self.write(stream, entries)
                     handled += len(entries)
                 if start == "0-0":
@@ -206,8 +220,12 @@ class ClaimWriter:
         self.stats.batches += 1
         async with self.redis.pipeline(transaction=False) as pipe:
             for entry_id, fields in bad:
-                log.error("malformed claim entry %s in %s moved to %s",
-                          entry_id, stream, DEAD_LETTER_STREAM)  # fmt: skip
+                log.error(
+                    "malformed claim entry %s in %s moved to %s",
+                    entry_id,
+                    stream,
+                    DEAD_LETTER_STREAM,
+                )
                 pipe.xadd(DEAD_LETTER_STREAM, {b"stream": stream.encode(), **fields})  # type: ignore[dict-item]
             ids = good_ids + [e[0] for e in bad]
             pipe.xack(stream, WRITER_GROUP, *ids)

@@ -8,6 +8,8 @@
 -- KEYS[5] stream  the durable hand-off read by the writer's consumer group
 -- KEYS[6] tiers   hash  <user_id> = tier for this period (missing: tier 0)
 -- KEYS[7] pending hash  <claim_id> = stream entry id, until the writer has persisted it
+-- KEYS[8] codes   hash  <option_id> = redemption codes still free for card-key options
+--                       (an option marked card:<option_id> in cfg needs one per claim)
 --
 -- ARGV[1] config version the caller's copy of the benefit was built from
 -- ARGV[2] period "YYYY-MM"   ARGV[3] opens_at ms   ARGV[4] closes_at ms (0: none)
@@ -62,6 +64,7 @@ end
 
 local option_caps = {}
 local option_taken = {}
+local option_codes = {}
 local out = {}
 local accepted = 0
 
@@ -95,6 +98,9 @@ for i = 0, n - 1 do
         option_caps[option_id] = cap
         option_taken[option_id] = tonumber(redis.call('HGET', KEYS[2], 'taken:' .. option_id)
           or '0')
+        if redis.call('HEXISTS', KEYS[1], 'card:' .. option_id) == 1 then
+          option_codes[option_id] = tonumber(redis.call('HGET', KEYS[8], option_id) or '0')
+        end
       end
     end
     tier = tonumber(redis.call('HGET', KEYS[6], user) or '0')
@@ -110,10 +116,16 @@ for i = 0, n - 1 do
         code = 'sold_out'
       elseif cap >= 0 and option_taken[option_id] >= cap then
         code = 'option_sold_out'
+      elseif option_codes[option_id] ~= nil and option_codes[option_id] <= 0 then
+        code = 'option_sold_out'
       else
         taken = taken + 1
         left = left - 1
         option_taken[option_id] = option_taken[option_id] + 1
+        if option_codes[option_id] ~= nil then
+          option_codes[option_id] = option_codes[option_id] - 1
+          redis.call('HINCRBY', KEYS[8], option_id, -1)
+        end
         redis.call('HINCRBY', KEYS[2], 'taken', 1)
         redis.call('HINCRBY', KEYS[2], 'taken:' .. option_id, 1)
         redis.call('HINCRBY', KEYS[3], user, 1)

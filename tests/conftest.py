@@ -23,7 +23,10 @@ from claim_service.connections import create_pg_pool, create_redis, migrate
 from claim_service.embedded import EmbeddedServers
 from claim_service.web import create_app
 
-TABLES = "claims, tiers, stock_additions, benefit_options, benefits"
+TABLES = (
+    "claims, claim_events, voucher_codes, partners, tiers, stock_additions, benefit_options, "
+    "benefits"
+)
 
 
 @pytest.fixture(scope="session")
@@ -91,6 +94,11 @@ def admin(settings: Settings) -> dict[str, str]:
     return {"Authorization": f"Bearer {settings.admin_token}"}
 
 
+def direct(option_id: str, **extra: Any) -> dict[str, Any]:
+    """A direct-charge option (card-key options need codes loaded before they can be claimed)."""
+    return {"option_id": option_id, "kind": "direct_charge", "partner": "p", "sku": "s", **extra}
+
+
 def benefit_body(
     *,
     stock: int = 10,
@@ -111,16 +119,30 @@ def benefit_body(
     return {
         "name": "Video membership, monthly card",
         "min_tier": min_tier,
-        "quota": quota if quota is not None else [
+        "quota": quota
+        if quota is not None
+        else [
             {"min_tier": 4, "per_period": 1},
             {"min_tier": 8, "per_period": 2},
         ],
         "stock_per_period": stock,
         "release": release,
         "paused": paused,
-        "options": options or [
-            {"option_id": "iqiyi", "name": "iQiyi", "kind": "direct_charge",
-             "partner": "iqiyi", "sku": "IQY-M1"},
-            {"option_id": "tencent", "name": "Tencent Video", "kind": "card_key"},
+        "options": options
+        or [
+            {
+                "option_id": "iqiyi",
+                "name": "iQiyi",
+                "kind": "direct_charge",
+                "partner": "iqiyi",
+                "sku": "IQY-M1",
+            },
+            {
+                "option_id": "tencent",
+                "name": "Tencent Video",
+                "kind": "direct_charge",
+                "partner": "tencent",
+                "sku": "TX-M1",
+            },
         ],
-    }  # fmt: skip
+    }

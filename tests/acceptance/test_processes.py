@@ -78,10 +78,12 @@ async def test_writer_killed_mid_batch_loses_and_duplicates_nothing(
     await save_tiers(pool, redis, period, [(f"u{i}", 5) for i in range(total)])
     engine = ClaimEngine(redis, settings)
     for start in range(0, total, 1000):
-        decisions = await asyncio.gather(*(
-            engine.claim(ClaimRequest("video", f"u{i}", "r", "iqiyi"))
-            for i in range(start, start + 1000)
-        ))  # fmt: skip
+        decisions = await asyncio.gather(
+            *(
+                engine.claim(ClaimRequest("video", f"u{i}", "r", "iqiyi"))
+                for i in range(start, start + 1000)
+            )
+        )
         assert all(d.code == "ok" for d in decisions)
     stream = BenefitKeys("video").stream
     assert await redis.xlen(stream) == total
@@ -148,13 +150,17 @@ async def test_multi_worker_server_burst(
                 return False
 
         await wait_for(ready)
-        async with http.put(f"{base}/admin/v1/benefits/video", headers=admin(settings),
-                            json=benefit_body(stock=stock)) as resp:  # fmt: skip
+        async with http.put(
+            f"{base}/admin/v1/benefits/video",
+            headers=admin(settings),
+            json=benefit_body(stock=stock),
+        ) as resp:
             assert resp.status == 201
         period = periods.current_period(settings.tz)
         snapshot = [{"user_id": u, "tier": t} for u, t in tiers.items()]
-        async with http.put(f"{base}/admin/v1/tiers/{period}", headers=admin(settings),
-                            json=snapshot) as resp:  # fmt: skip
+        async with http.put(
+            f"{base}/admin/v1/tiers/{period}", headers=admin(settings), json=snapshot
+        ) as resp:
             assert resp.status == 200
         codes: Counter[str] = Counter()
         accepted: Counter[str] = Counter()
@@ -163,9 +169,14 @@ async def test_multi_worker_server_burst(
         async def member(user: str) -> None:
             headers = {"Authorization": "Bearer " + mint_token(settings, user)}
             for attempt in range(3):
-                async with sem, http.post(f"{base}/v1/benefits/video/claims", headers=headers,
-                                          json={"request_id": f"r{attempt}",
-                                                "option_id": "tencent"}) as resp:  # fmt: skip
+                async with (
+                    sem,
+                    http.post(
+                        f"{base}/v1/benefits/video/claims",
+                        headers=headers,
+                        json={"request_id": f"r{attempt}", "option_id": "tencent"},
+                    ) as resp,
+                ):
                     body = await resp.json()
                 codes[body.get("error", "accepted")] += 1
                 if resp.status == 202:

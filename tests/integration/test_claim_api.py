@@ -8,15 +8,17 @@ from aiohttp.test_utils import TestClient
 
 from claim_service import periods
 from claim_service.config import Settings
-from tests.conftest import admin, auth, benefit_body
+from tests.conftest import admin, auth, benefit_body, direct
 
 Client = TestClient[Any, Any]
 
 
-async def setup_benefit(client: Client, settings: Settings, benefit_id: str = "video",
-                        **kwargs: Any) -> dict[str, Any]:  # fmt: skip
-    resp = await client.put(f"/admin/v1/benefits/{benefit_id}", json=benefit_body(**kwargs),
-                            headers=admin(settings))  # fmt: skip
+async def setup_benefit(
+    client: Client, settings: Settings, benefit_id: str = "video", **kwargs: Any
+) -> dict[str, Any]:
+    resp = await client.put(
+        f"/admin/v1/benefits/{benefit_id}", json=benefit_body(**kwargs), headers=admin(settings)
+    )
     assert resp.status in (200, 201), await resp.text()
     return dict(await resp.json())
 
@@ -28,11 +30,19 @@ async def load_tiers(client: Client, settings: Settings, tiers: dict[str, int]) 
     assert resp.status == 200, await resp.text()
 
 
-async def claim(client: Client, settings: Settings, user: str, request_id: str,
-                benefit_id: str = "video", **body: Any) -> tuple[int, dict[str, Any]]:  # fmt: skip
-    resp = await client.post(f"/v1/benefits/{benefit_id}/claims",
-                             json={"request_id": request_id, **body},
-                             headers=auth(settings, user))  # fmt: skip
+async def claim(
+    client: Client,
+    settings: Settings,
+    user: str,
+    request_id: str,
+    benefit_id: str = "video",
+    **body: Any,
+) -> tuple[int, dict[str, Any]]:
+    resp = await client.post(
+        f"/v1/benefits/{benefit_id}/claims",
+        json={"request_id": request_id, **body},
+        headers=auth(settings, user),
+    )
     return resp.status, dict(await resp.json())
 
 
@@ -110,8 +120,9 @@ async def test_sold_out_and_stock_top_up(client: Client, settings: Settings) -> 
     assert (await claim(client, settings, "u1", "r", option_id="iqiyi"))[0] == 202
     status, body = await claim(client, settings, "u2", "r", option_id="iqiyi")
     assert status == 410 and body["error"] == "sold_out" and body["stock_left"] == 0
-    resp = await client.post("/admin/v1/benefits/video/stock", json={"amount": 1},
-                             headers=admin(settings))  # fmt: skip
+    resp = await client.post(
+        "/admin/v1/benefits/video/stock", json={"amount": 1}, headers=admin(settings)
+    )
     assert resp.status == 200
     assert (await resp.json())["left"] == 1
     assert (await claim(client, settings, "u2", "r", option_id="iqiyi"))[0] == 202
@@ -119,8 +130,8 @@ async def test_sold_out_and_stock_top_up(client: Client, settings: Settings) -> 
 
 async def test_option_cap(client: Client, settings: Settings) -> None:
     options = [
-        {"option_id": "a", "kind": "card_key", "stock_cap": 1},
-        {"option_id": "b", "kind": "card_key"},
+        direct("a", stock_cap=1),
+        direct("b"),
     ]
     await setup_benefit(client, settings, stock=10, options=options)
     await load_tiers(client, settings, {"u1": 5, "u2": 5})
@@ -139,8 +150,9 @@ async def test_option_rules(client: Client, settings: Settings) -> None:
     assert status == 404 and body["error"] == "unknown_option"
     status, body = await claim(client, settings, "u", "r", benefit_id="nope", option_id="x")
     assert status == 404 and body["error"] == "unknown_benefit"
-    await setup_benefit(client, settings, "single",
-                        options=[{"option_id": "only", "kind": "card_key"}])  # fmt: skip
+    await setup_benefit(
+        client, settings, "single", options=[direct("only")]
+    )
     status, body = await claim(client, settings, "u", "r", benefit_id="single")
     assert status == 202 and body["option_id"] == "only"
 

@@ -26,13 +26,15 @@ Client = TestClient[Any, Any]
 async def test_concurrent_http_burst_never_oversells(client: Client, settings: Settings) -> None:
     stock = 150
     members = {f"u{i}": random.Random(i).choice([2, 4, 6, 8, 12]) for i in range(400)}
-    resp = await client.put("/admin/v1/benefits/video", json=benefit_body(stock=stock),
-                            headers=admin(settings))  # fmt: skip
+    resp = await client.put(
+        "/admin/v1/benefits/video", json=benefit_body(stock=stock), headers=admin(settings)
+    )
     assert resp.status == 201
     period = periods.current_period(settings.tz)
     body = [{"user_id": u, "tier": t} for u, t in members.items()]
-    assert (await client.put(f"/admin/v1/tiers/{period}", json=body,
-                             headers=admin(settings))).status == 200  # fmt: skip
+    assert (
+        await client.put(f"/admin/v1/tiers/{period}", json=body, headers=admin(settings))
+    ).status == 200
     accepted: dict[str, list[str]] = {}
     statuses: Counter[int] = Counter()
 
@@ -41,9 +43,11 @@ async def test_concurrent_http_burst_never_oversells(client: Client, settings: S
         for attempt in range(3):  # each member tries three times, each try sent twice
             replies = []
             for _ in range(2):
-                r = await client.post("/v1/benefits/video/claims", headers=headers,
-                                      json={"request_id": f"{user}-{attempt}",
-                                            "option_id": "iqiyi"})  # fmt: skip
+                r = await client.post(
+                    "/v1/benefits/video/claims",
+                    headers=headers,
+                    json={"request_id": f"{user}-{attempt}", "option_id": "iqiyi"},
+                )
                 replies.append((r.status, await r.json()))
                 statuses[r.status] += 1
             (s1, b1), (s2, b2) = replies

@@ -1,0 +1,151 @@
+"""Compensation: a failed claim gives its stock unit and the member's quota back, once.
+
+The Redis side (``refund.lua``) is guarded by a per-period set of refunded claim ids and the
+PostgreSQL side by the ``failed -> refunded`` transition, taken while the claim row is locked;
+a crash between the two is finished by the next sweep without a second refund.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import asyncpg
+from redis.asyncio import Redis
+
+from claim_service.errors import ConflictError, NotFoundError
+from claim_service.keyspace import PERIOD_KEY_TTL_S, BenefitKeys, Scripts
+from claim_service.lifecycle import ACCEPTED, FAILED, REFUNDED, record_event, transition
+from claim_service.metrics import REFUNDS
+
+log = logging.getLogger(__name__)
+
+SWEEP_LIMIT = 200
+
+
+async def _locked_claim(conn: Any, claim_id: str) -> Any:
+    return await conn.fetchrow(
+        """SELECT c.claim_id, c.user_id, c.benefit_id, c.option_id, c.period, c.status,
+                  c.code_id, c.failure_reason, o.kind
+           FROM claims c LEFT JOIN benefit_options o
+                ON o.benefit_id = c.benefit_id AND o.option_id = c.option_id
+           WHERE c.claim_id = $1 FOR UPDATE OF c""",
+        claim_id,
+    )
+
+
+async def _refund_in_redis(redis: Redis, row: asyncpg.Record) -> bool:
+    keys = BenefitKeys(row["benefit_id"])
+    period = row["period"]
+    # The reserved code goes back to the pool unless there was none to reserve.
+    give_code = (
+        row["kind"] == "card_key"
+        and row["code_id"] is None
+        and (row["failure_reason"] != "no_code")
+    )
+    done = await Scripts(redis).refund(
+        keys=[keys.stock(period), keys.used(period), keys.refunded(period), keys.codes],
+        args=[
+            row["claim_id"],
+            row["user_id"],
+            row["option_id"],
+            "1" if give_code else "0",
+            PERIOD_KEY_TTL_S,
+        ],
+    )
+    return bool(done)
+
+
+async def refund(pool: asyncpg.Pool, redis: Redis, claim_id: str) -> bool:
+    """Return a failed claim's unit and quota; True when this call did it."""
+    async with pool.acquire() as conn, conn.transaction():
+        row = await _locked_claim(conn, claim_id)
+        if row is None or row["status"] != FAILED:
+            return False
+        fresh = await _refund_in_redis(redis, row)
+        await transition(
+            conn,
+            claim_id,
+            REFUNDED,
+            "unit_and_quota_returned",
+            expect=(FAILED,),
+            detail={"redis": "refunded" if fresh else "already"},
+        )
+    REFUNDS.inc()
+    log.info("claim %s refunded", claim_id)
+    return True
+
+
+async def sweep_refunds(pool: asyncpg.Pool, redis: Redis, limit: int = SWEEP_LIMIT) -> int:
+    """Refund failed claims of benefits whose policy is ``refund`` (crash recovery too)."""
+    rows = await pool.fetch(
+        """SELECT c.claim_id FROM claims c JOIN benefits b USING (benefit_id)
+           WHERE c.status = 'failed' AND b.on_failure = 'refund' LIMIT $1""",
+        limit,
+    )
+    done = 0
+    for row in rows:
+        done += await refund(pool, redis, row["claim_id"])
+    return done
+
+
+async def ops_retry(pool: asyncpg.Pool, redis: Redis, claim_id: str) -> str:
+    """Send a failed (held) claim through fulfilment again. Returns the new status."""
+    async with pool.acquire() as conn, conn.transaction():
+        row = await _locked_claim(conn, claim_id)
+        if row is None:
+            raise NotFoundError("unknown_claim", f"no claim {claim_id!r}")
+        if row["status"] == REFUNDED:
+            raise ConflictError("already_refunded", "the claim's unit was returned; it is final")
+        if row["status"] != FAILED:
+            raise ConflictError("not_failed", f"the claim is {row['status']}, not failed")
+        keys = BenefitKeys(row["benefit_id"])
+        if await redis.sismember(keys.refunded(row["period"]), claim_id):
+            # A refund reached Redis before a crash: finish it rather than deliver too.
+            await transition(
+                conn,
+                claim_id,
+                REFUNDED,
+                "unit_and_quota_returned",
+                expect=(FAILED,),
+                detail={"redis": "already"},
+            )
+            raise ConflictError("already_refunded", "the claim's unit was returned; it is final")
+        await transition(
+            conn,
+            claim_id,
+            ACCEPTED,
+            "ops_retry",
+            expect=(FAILED,),
+            columns={
+                "attempts": 0,
+                "failure_reason": None,
+                "lease_owner": None,
+                "lease_until": None,
+                "next_attempt_at": _now_sql(),
+            },
+        )
+    return ACCEPTED
+
+
+async def ops_refund(pool: asyncpg.Pool, redis: Redis, claim_id: str) -> str:
+    """Refund a held failed claim on an operator's word."""
+    async with pool.acquire() as conn:
+        status = await conn.fetchval("SELECT status FROM claims WHERE claim_id = $1", claim_id)
+    if status is None:
+        raise NotFoundError("unknown_claim", f"no claim {claim_id!r}")
+    if status != FAILED:
+        raise ConflictError("not_failed", f"the claim is {status}, not failed")
+    await refund(pool, redis, claim_id)
+    return REFUNDED
+
+
+def _now_sql() -> Any:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC)
+
+
+async def note(pool: asyncpg.Pool, claim_id: str, status: str, reason: str) -> None:
+    async with pool.acquire() as conn:
+        await record_event(conn, claim_id, status, reason)

@@ -1,0 +1,316 @@
+"""Direct charge against the partner simulator: flaky partners, callbacks, exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient
+from redis.asyncio import Redis
+
+from claim_service import periods
+from claim_service.config import Settings
+from claim_service.fulfilment import FulfilmentWorker
+from claim_service.keyspace import BenefitKeys, text
+from claim_service.partner_sim import PartnerSimulator, SimConfig
+from claim_service.signing import signed_headers
+from claim_service.writer import ClaimWriter
+from tests.conftest import admin, auth, benefit_body, direct
+from tests.integration.test_writer import drain, fast
+
+Client = TestClient[Any, Any]
+SECRET = "partner-secret-0123456789"
+FINAL = ("fulfilled", "refunded")
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[PartnerSimulator]:
+    simulator = PartnerSimulator(SimConfig(secret=SECRET, latency_ms=1, seed=3))
+    await simulator.start("127.0.0.1", 0)
+    yield simulator
+    await simulator.stop()
+
+
+def quick(settings: Settings, **overrides: Any) -> Settings:
+    return replace(
+        settings,
+        retry_base_ms=20,
+        retry_max_ms=150,
+        fulfil_poll_ms=20,
+        fulfil_processing_recheck_s=1,
+        breaker_threshold=1000,
+        **overrides,
+    )
+
+
+async def setup(
+    client: Client,
+    settings: Settings,
+    sim: PartnerSimulator,
+    *,
+    members: int,
+    stock: int,
+    on_failure: str = "refund",
+    max_attempts: int = 12,
+) -> None:
+    partner = {
+        "base_url": sim.url,
+        "secret": SECRET,
+        "timeout_s": 0.25,
+        "max_in_flight": 32,
+        "max_attempts": max_attempts,
+    }
+    resp = await client.put("/admin/v1/partners/sim", json=partner, headers=admin(settings))
+    assert resp.status in (200, 201), await resp.text()
+    assert "secret" not in await resp.json()
+    body = benefit_body(stock=stock, quota=1, options=[direct("iqiyi", partner="sim", sku="IQY")])
+    body["on_failure"] = on_failure
+    resp = await client.put("/admin/v1/benefits/video", json=body, headers=admin(settings))
+    assert resp.status == 201, await resp.text()
+    period = periods.current_period(settings.tz)
+    tiers = [{"user_id": f"u{i}", "tier": 5} for i in range(members)]
+    assert (
+        await client.put(f"/admin/v1/tiers/{period}", json=tiers, headers=admin(settings))
+    ).status == 200
+
+
+async def claim_all(client: Client, settings: Settings, members: int) -> list[str]:
+    async def one(i: int) -> str | None:
+        resp = await client.post(
+            "/v1/benefits/video/claims",
+            headers=auth(settings, f"u{i}"),
+            json={"request_id": "r", "option_id": "iqiyi", "account": f"1380000{i:04d}"},
+        )
+        return (await resp.json())["claim_id"] if resp.status == 202 else None
+
+    return [c for c in await asyncio.gather(*(one(i) for i in range(members))) if c]
+
+
+async def run_until_final(
+    settings: Settings, redis: Redis, pool: asyncpg.Pool, within: float = 60.0
+) -> None:
+    await drain(ClaimWriter(redis, pool, fast(settings)))
+    stop = asyncio.Event()
+    worker = FulfilmentWorker(pool, redis, settings)
+    task = asyncio.create_task(worker.run(stop))
+    deadline = time.monotonic() + within
+    try:
+        while time.monotonic() < deadline:
+            open_claims = await pool.fetchval(
+                "SELECT count(*) FROM claims WHERE status IN ('accepted', 'fulfilling')"
+            )
+            failed = await pool.fetchval("""SELECT count(*) FROM claims c JOIN benefits b
+                USING (benefit_id) WHERE c.status = 'failed' AND b.on_failure = 'refund'""")
+            if open_claims == 0 and failed == 0:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError("fulfilment did not settle")
+    finally:
+        stop.set()
+        await task
+
+
+async def assert_units_returned_once(settings: Settings, redis: Redis, pool: asyncpg.Pool) -> None:
+    period = periods.current_period(settings.tz)
+    keys = BenefitKeys("video")
+    live = await pool.fetchval("SELECT count(*) FROM claims WHERE status <> 'refunded'")
+    assert int(await redis.hget(keys.stock(period), "taken") or 0) == live
+    refunded = await pool.fetchval("SELECT count(*) FROM claims WHERE status = 'refunded'")
+    assert await redis.scard(keys.refunded(period)) == refunded
+    per_member = {
+        r["user_id"]: r["n"]
+        for r in await pool.fetch(
+            "SELECT user_id, count(*) FILTER (WHERE status <> 'refunded') AS n FROM claims "
+            "GROUP BY user_id"
+        )
+    }
+    used = {text(k): int(v) for k, v in (await redis.hgetall(keys.used(period))).items()}
+    assert {u: n for u, n in used.items() if n} == {u: n for u, n in per_member.items() if n}
+    refund_events = await pool.fetchval(
+        "SELECT count(*) FROM claim_events WHERE to_status = 'refunded'"
+    )
+    assert refund_events == refunded
+
+
+async def test_flaky_partner_every_claim_ends_final_and_nothing_is_charged_twice(
+    client: Client, settings: Settings, redis: Redis, pool: asyncpg.Pool, sim: PartnerSimulator
+) -> None:
+    sim.config = replace(
+        sim.config,
+        failure_rate=0.3,
+        timeout_rate=0.3,
+        timeout_delay_s=0.6,
+        reject_rate=0.05,
+        processing_rate=0.3,
+        callback_delay_ms=30,
+        duplicate_callback_rate=0.3,
+        callback_base=str(client.make_url("")).rstrip("/"),
+        partner_id="sim",
+    )
+    await setup(client, settings, sim, members=120, stock=150)
+    claims = await claim_all(client, settings, 120)
+    assert len(claims) == 120
+    await run_until_final(quick(settings), redis, pool)
+
+    rows = await pool.fetch("SELECT claim_id, status, failure_reason FROM claims")
+    statuses = Counter(r["status"] for r in rows)
+    assert set(statuses) <= set(FINAL), statuses
+    assert statuses["fulfilled"] > 0 and statuses["refunded"] > 0
+    stats = sim.stats()
+    assert stats["double_charged"] == 0
+    assert stats["failures_injected"] > 0 and stats["timeouts_injected"] > 0
+    assert stats["duplicate_callbacks"] > 0 and stats["bad_signatures"] == 0
+    charged = {o.order_id for o in sim.orders.values() if o.times_charged}
+    fulfilled = {r["claim_id"] for r in rows if r["status"] == "fulfilled"}
+    assert charged == fulfilled, "exactly the fulfilled claims were charged, once each"
+    assert all(r["failure_reason"] for r in rows if r["status"] == "refunded")
+    await assert_units_returned_once(settings, redis, pool)
+
+
+async def test_held_failures_wait_for_ops_then_retry(
+    client: Client, settings: Settings, redis: Redis, pool: asyncpg.Pool, sim: PartnerSimulator
+) -> None:
+    sim.config = replace(sim.config, failure_rate=1.0)
+    await setup(client, settings, sim, members=3, stock=3, on_failure="hold", max_attempts=2)
+    claims = await claim_all(client, settings, 3)
+    await run_until_final(quick(settings), redis, pool)
+    assert {r["status"] for r in await pool.fetch("SELECT status FROM claims")} == {"failed"}
+    assert sim.stats()["charged"] == 0
+    # Still held: the unit is not back.
+    period = periods.current_period(settings.tz)
+    assert int(await redis.hget(BenefitKeys("video").stock(period), "taken") or 0) == 3
+
+    sim.config = replace(sim.config, failure_rate=0.0)
+    resp = await client.post(f"/admin/v1/claims/{claims[0]}/retry", headers=admin(settings))
+    assert resp.status == 200 and (await resp.json())["status"] == "accepted"
+    resp = await client.post(f"/admin/v1/claims/{claims[1]}/refund", headers=admin(settings))
+    assert resp.status == 200
+    await run_until_final(quick(settings), redis, pool)
+    status = {r["claim_id"]: r["status"] for r in await pool.fetch("SELECT * FROM claims")}
+    assert status[claims[0]] == "fulfilled"
+    assert status[claims[1]] == "refunded"
+    assert status[claims[2]] == "failed"
+    again = await client.post(f"/admin/v1/claims/{claims[1]}/retry", headers=admin(settings))
+    assert again.status == 409 and (await again.json())["error"] == "already_refunded"
+    twice = await client.post(f"/admin/v1/claims/{claims[1]}/refund", headers=admin(settings))
+    assert twice.status == 409
+    assert int(await redis.hget(BenefitKeys("video").stock(period), "taken") or 0) == 2
+    trail = await (
+        await client.get(f"/admin/v1/claims/{claims[0]}", headers=admin(settings))
+    ).json()
+    reasons = [e["reason"] for e in trail["events"]]
+    assert reasons[0] == "claimed" and "ops_retry" in reasons and reasons[-1] == "partner_success"
+
+
+async def test_circuit_breaker_stops_hammering_and_recovers(
+    client: Client, settings: Settings, redis: Redis, pool: asyncpg.Pool, sim: PartnerSimulator
+) -> None:
+    sim.config = replace(sim.config, failure_rate=1.0)
+    await setup(client, settings, sim, members=30, stock=30, max_attempts=50)
+    await claim_all(client, settings, 30)
+    await drain(ClaimWriter(redis, pool, fast(settings)))
+    cfg = replace(quick(settings), breaker_threshold=3, breaker_cooldown_ms=400)
+    stop = asyncio.Event()
+    task = asyncio.create_task(FulfilmentWorker(pool, redis, cfg).run(stop))
+    try:
+        await asyncio.sleep(0.5)  # the first wave (all 30 sent at once) fails and opens it
+        first_wave = sim.stats()["requests"]
+        await asyncio.sleep(1.5)
+        # 30 claims retried every <=150 ms would be ~300 calls in 1.5 s; open, only probes go.
+        assert sim.stats()["requests"] - first_wave <= 6
+        sim.config = replace(sim.config, failure_rate=0.0)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if await pool.fetchval("SELECT count(*) FROM claims WHERE status = 'fulfilled'") == 30:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        stop.set()
+        await task
+    assert await pool.fetchval("SELECT count(*) FROM claims WHERE status = 'fulfilled'") == 30
+    assert sim.stats()["double_charged"] == 0
+
+
+async def _sent_order(
+    client: Client, settings: Settings, redis: Redis, pool: asyncpg.Pool, sim: PartnerSimulator
+) -> str:
+    sim.config = replace(sim.config, processing_rate=1.0, callback_base=None)
+    await setup(client, settings, sim, members=1, stock=1)
+    (claim_id,) = await claim_all(client, settings, 1)
+    await drain(ClaimWriter(redis, pool, fast(settings)))
+    worker = FulfilmentWorker(pool, redis, quick(settings))
+    await worker.tick()
+    await worker.drain()
+    assert await pool.fetchval("SELECT status FROM claims") == "fulfilling"
+    return claim_id
+
+
+async def test_callbacks_are_signed_fresh_and_idempotent(
+    client: Client, settings: Settings, redis: Redis, pool: asyncpg.Pool, sim: PartnerSimulator
+) -> None:
+    claim_id = await _sent_order(client, settings, redis, pool, sim)
+    url = "/v1/partners/sim/callbacks"
+    body = orjson.dumps({"order_id": claim_id, "status": "success", "partner_ref": "P-1"})
+
+    bad = await client.post(url, data=body, headers=signed_headers("wrong-secret-xxxxxxxx", body))
+    assert bad.status == 401 and (await bad.json())["error"] == "unauthorized"
+    stale = await client.post(
+        url, data=body, headers=signed_headers(SECRET, body, now=time.time() - 301)
+    )
+    assert stale.status == 401
+    future = await client.post(
+        url, data=body, headers=signed_headers(SECRET, body, now=time.time() + 400)
+    )
+    assert future.status == 401
+    tampered = signed_headers(SECRET, body)
+    other = body.replace(b"success", b"failed")
+    assert (await client.post(url, data=other, headers=tampered)).status == 401
+    unsigned = await client.post(url, data=body)
+    assert unsigned.status == 401
+    stranger = await client.post(
+        "/v1/partners/nobody/callbacks", data=body, headers=signed_headers(SECRET, body)
+    )
+    assert stranger.status == 401
+    unknown = orjson.dumps({"order_id": "0" * 32, "status": "success"})
+    missing = await client.post(url, data=unknown, headers=signed_headers(SECRET, unknown))
+    assert missing.status == 404 and (await missing.json())["error"] == "unknown_order"
+    assert await pool.fetchval("SELECT status FROM claims") == "fulfilling"
+
+    headers = signed_headers(SECRET, body)
+    for _ in range(3):  # a replayed callback is harmless
+        ok = await client.post(url, data=body, headers=headers)
+        assert ok.status == 200 and (await ok.json())["status"] == "fulfilled"
+    assert (
+        await pool.fetchval("SELECT count(*) FROM claim_events WHERE to_status = 'fulfilled'") == 1
+    )
+    late_failure = orjson.dumps({"order_id": claim_id, "status": "failed", "reason": "x"})
+    resp = await client.post(url, data=late_failure, headers=signed_headers(SECRET, late_failure))
+    assert resp.status == 200 and (await resp.json())["status"] == "fulfilled"
+    assert await pool.fetchval("SELECT partner_ref FROM claims") == "P-1"
+
+
+async def test_failed_callback_refunds_once(
+    client: Client, settings: Settings, redis: Redis, pool: asyncpg.Pool, sim: PartnerSimulator
+) -> None:
+    claim_id = await _sent_order(client, settings, redis, pool, sim)
+    body = orjson.dumps({"order_id": claim_id, "status": "failed", "reason": "no_account"})
+    for _ in range(2):
+        resp = await client.post(
+            "/v1/partners/sim/callbacks", data=body, headers=signed_headers(SECRET, body)
+        )
+        assert resp.status == 200 and (await resp.json())["status"] == "refunded"
+    await assert_units_returned_once(settings, redis, pool)
+    # The member can claim again with a new request.
+    resp = await client.post(
+        "/v1/benefits/video/claims",
+        headers=auth(settings, "u0"),
+        json={"request_id": "second", "option_id": "iqiyi"},
+    )
+    assert resp.status == 202

@@ -1,0 +1,41 @@
+"""``python -m bench <benchmark> [options]`` (what ``./run bench`` calls)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    sub = parser.add_subparsers(dest="benchmark", required=True)
+    p = sub.add_parser(
+        "claim-path",
+        help="one claim alone vs coalesced batches vs JWT vs HTTP, against a Redis PING",
+    )
+    p.add_argument("--quick", action="store_true", help="fewer, shorter repeats (a smoke run)")
+    p.add_argument(
+        "--output",
+        type=Path,
+        help="report path (default bench/results/claim_path.md, or claim_path.quick.md)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.benchmark == "claim-path":
+        from bench import claim_path
+
+        name = "claim_path.quick.md" if args.quick else "claim_path.md"
+        return claim_path.main(quick=args.quick, output=args.output or RESULTS_DIR / name)
+    raise AssertionError(args.benchmark)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

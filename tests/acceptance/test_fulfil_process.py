@@ -1,0 +1,144 @@
+"""A fulfil worker process killed mid-run, then two workers at once: nothing lost or doubled."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from aiohttp.test_utils import TestClient
+from redis.asyncio import Redis
+
+from claim_service.config import Settings
+from claim_service.partner_sim import PartnerSimulator, SimConfig
+from claim_service.writer import ClaimWriter
+from tests.acceptance.test_processes import procs, spawn, wait_for
+from tests.conftest import admin, auth
+from tests.integration.test_card_key import CODES
+from tests.integration.test_direct_charge import SECRET, claim_all, setup
+from tests.integration.test_writer import drain, fast
+
+__all__ = ["procs"]
+
+Client = TestClient[Any, Any]
+ENV = {
+    "CLAIM_FULFIL_LEASE_S": "1",
+    "CLAIM_FULFIL_CONCURRENCY": "6",
+    "CLAIM_FULFIL_POLL_MS": "20",
+    "CLAIM_RETRY_BASE_MS": "20",
+    "CLAIM_RETRY_MAX_MS": "200",
+    "CLAIM_FULFIL_PROCESSING_RECHECK_S": "1",
+    "CLAIM_BREAKER_THRESHOLD": "1000",
+}
+
+
+async def test_killed_fulfil_worker_resumes_without_loss_or_double_charge(
+    client: Client,
+    settings: Settings,
+    redis: Redis,
+    pool: asyncpg.Pool,
+    procs: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    sim = PartnerSimulator(
+        SimConfig(
+            secret=SECRET,
+            partner_id="sim",
+            latency_ms=20,
+            seed=11,
+            failure_rate=0.2,
+            timeout_rate=0.2,
+            timeout_delay_s=0.5,
+            processing_rate=0.3,
+            callback_delay_ms=50,
+            duplicate_callback_rate=0.3,
+            callback_base=str(client.make_url("")).rstrip("/"),
+        )
+    )
+    await sim.start("127.0.0.1", 0)
+    try:
+        await setup(client, settings, sim, members=200, stock=200, max_attempts=20)
+        # Half of the members pick a card-key option instead.
+        body = await (await client.get("/admin/v1/benefits/video", headers=admin(settings))).json()
+        body["options"].append({"option_id": "youku", "kind": "card_key"})
+        body.pop("stock", None)
+        assert (
+            await client.put("/admin/v1/benefits/video", json=body, headers=admin(settings))
+        ).status == 200
+        resp = await client.post(
+            "/admin/v1/benefits/video/options/youku/codes",
+            json=CODES[:40] + [f"EXTRA-{i}" for i in range(60)],
+            headers=admin(settings),
+        )
+        assert (await resp.json())["pool"]["free"] == 100
+        await claim_all(client, settings, 100)  # iqiyi for u0..u99
+        for i in range(100, 200):
+            r = await client.post(
+                "/v1/benefits/video/claims",
+                headers=auth(settings, f"u{i}"),
+                json={"request_id": "r", "option_id": "youku"},
+            )
+            assert r.status == 202
+        await drain(ClaimWriter(redis, pool, fast(settings)))
+        assert await pool.fetchval("SELECT count(*) FROM claims") == 200
+
+        log = tmp_path / "fulfil.log"
+        first = spawn(settings, ["fulfil"], log, **ENV)
+        procs.append(first)
+
+        async def some_done() -> bool:
+            return (
+                int(await pool.fetchval("SELECT count(*) FROM claims WHERE status = 'fulfilled'"))
+                >= 40
+            )
+
+        await wait_for(some_done)
+        in_flight = await pool.fetchval("SELECT count(*) FROM claims WHERE lease_owner IS NOT NULL")
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        assert in_flight > 0, "the worker was killed with claims in hand"
+        assert (
+            await pool.fetchval(
+                "SELECT count(*) FROM claims WHERE status IN ('accepted', 'fulfilling')"
+            )
+            > 0
+        )
+
+        procs.append(spawn(settings, ["fulfil"], log, **ENV))
+        procs.append(spawn(settings, ["fulfil"], log, **ENV))
+
+        async def settled() -> bool:
+            return (
+                int(
+                    await pool.fetchval(
+                        "SELECT count(*) FROM claims WHERE status IN ('accepted', 'fulfilling', "
+                        "'failed')"
+                    )
+                )
+                == 0
+            )
+
+        await wait_for(settled, within=90)
+        rows = await pool.fetch("SELECT claim_id, option_id, status, code_id FROM claims")
+        statuses = Counter((r["option_id"], r["status"]) for r in rows)
+        assert statuses[("youku", "fulfilled")] == 100, statuses
+        codes = [r["code_id"] for r in rows if r["option_id"] == "youku"]
+        assert len(set(codes)) == 100 and None not in codes
+        assert (
+            await pool.fetchval("SELECT count(*) FROM voucher_codes WHERE claim_id IS NOT NULL")
+            == 100
+        )
+        stats = sim.stats()
+        assert stats["double_charged"] == 0
+        charged = {o.order_id for o in sim.orders.values() if o.times_charged}
+        fulfilled = {
+            r["claim_id"] for r in rows if r["option_id"] == "iqiyi" and r["status"] == "fulfilled"
+        }
+        assert charged == fulfilled
+        assert statuses[("iqiyi", "fulfilled")] + statuses[("iqiyi", "refunded")] == 100
+        assert stats["duplicates_received"] > 0, "some orders were resent after the kill/timeouts"
+    finally:
+        await sim.stop()

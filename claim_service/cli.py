@@ -312,6 +312,7 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
         members=args.members,
         concurrency=args.concurrency,
         retries=args.retries,
+        codes=args.codes,
     )
     return run_demo(settings, options)
 
@@ -328,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stock", type=int, default=8000)
     p.add_argument("--members", type=int, default=20000)
     p.add_argument("--concurrency", type=int, default=200)
+    p.add_argument("--codes", type=int, default=2500, help="Youku codes loaded (card-key)")
     p.add_argument(
         "--retries",
         type=float,

@@ -25,11 +25,13 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+from redis.asyncio import Redis
 
-from claim_service import periods
+from claim_service import demo_fulfilment, periods
 from claim_service.auth import mint_token
 from claim_service.config import Settings
 from claim_service.embedded import EmbeddedServers, free_port
+from claim_service.keyspace import BenefitKeys
 
 OPENS_IN_S = 3.0
 DRAIN_TIMEOUT_S = 60.0
@@ -41,6 +43,7 @@ class DemoOptions:
     members: int = 20000
     concurrency: int = 200
     retries: float = 0.1
+    codes: int = 2500
     seed: int = 10
 
 
@@ -107,7 +110,7 @@ def run_demo(settings: Settings, options: DemoOptions) -> int:
 
 
 async def _demo(settings: Settings, options: DemoOptions) -> int:
-    from claim_service.connections import create_pg_pool, migrate
+    from claim_service.connections import create_pg_pool, create_redis, migrate
 
     assert settings.database_url
     pool = await create_pg_pool(settings.database_url, max_size=4)
@@ -115,43 +118,70 @@ async def _demo(settings: Settings, options: DemoOptions) -> int:
         await migrate(conn)
     logfile = Path(tempfile.gettempdir()) / "claim-service-demo.log"
     logfile.unlink(missing_ok=True)
-    server = _spawn(["serve"], settings, logfile)
-    writer = _spawn(["writer"], settings, logfile)
     base = f"http://127.0.0.1:{settings.port}"
+    sim_url = f"http://127.0.0.1:{free_port()}"
+    procs = [
+        _spawn(["serve"], settings, logfile),
+        _spawn(["writer"], settings, logfile),
+        _spawn(["fulfil"], settings, logfile),
+        _spawn(demo_fulfilment.sim_args(int(sim_url.rsplit(":", 1)[1]), base), settings,
+               logfile),
+    ]  # fmt: skip
+    assert settings.redis_url
+    redis = await create_redis(settings.redis_url)
     try:
         async with aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=options.concurrency)
         ) as http:
-            await _wait_ready(http, base, server, logfile)
+            await _wait_ready(http, base + "/readyz", procs, logfile)
+            await _wait_ready(http, sim_url + "/stats", procs, logfile)
             benefit_id = f"video-{datetime.now():%H%M%S}"
             opens = datetime.now(settings.tz) + timedelta(seconds=OPENS_IN_S)
             await _setup(http, base, settings, benefit_id, opens, options)
+            await demo_fulfilment.setup_fulfilment(http, base, settings, benefit_id, sim_url,
+                                                   options.codes)  # fmt: skip
             stats = await _burst(http, base, settings, benefit_id, opens, options)
-        return await _report(pool, settings, benefit_id, stats, options)
+            checks = await _report(pool, redis, settings, benefit_id, stats, options)
+            settle_s = await demo_fulfilment.wait_settled(pool, benefit_id)
+            checks += await demo_fulfilment.fulfilment_report(
+                pool, redis, http, sim_url, settings, benefit_id, settle_s
+            )
+        return _verdict(checks, logfile)
     finally:
-        for proc in (server, writer):
+        for proc in procs:
             proc.terminate()
-        for proc in (server, writer):
+        for proc in procs:
             try:
                 proc.wait(15)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        await redis.aclose()
         await pool.close()
 
 
+def _verdict(checks: list[tuple[str, bool]], logfile: Path) -> int:
+    _say("== invariants ==")
+    for name, ok in checks:
+        _say(f"  [{'ok' if ok else 'FAIL'}] {name}")
+    failed = [name for name, ok in checks if not ok]
+    _say("all invariants hold" if not failed else f"{len(failed)} invariant(s) FAILED")
+    _say(f"(server, writer, fulfilment and partner logs: {logfile})")
+    return 0 if not failed else 1
+
+
 async def _wait_ready(
-    http: aiohttp.ClientSession, base: str, server: subprocess.Popen[bytes], logfile: Path
+    http: aiohttp.ClientSession, url: str, procs: list[subprocess.Popen[bytes]], logfile: Path
 ) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"the API server exited; see {logfile}")
+        if any(proc.poll() is not None for proc in procs):
+            raise RuntimeError(f"a demo process exited early; see {logfile}")
         with contextlib.suppress(aiohttp.ClientError):
-            async with http.get(base + "/readyz") as resp:
+            async with http.get(url) as resp:
                 if resp.status == 200:
                     return
         await asyncio.sleep(0.1)
-    raise RuntimeError("the API server did not become ready")
+    raise RuntimeError(f"{url} did not become ready")
 
 
 def tier_of(member: int, seed: int) -> int:
@@ -180,14 +210,14 @@ async def _setup(
                 "option_id": "iqiyi",
                 "name": "iQiyi VIP",
                 "kind": "direct_charge",
-                "partner": "iqiyi",
+                "partner": demo_fulfilment.PARTNER_ID,
                 "sku": "IQY-MONTH",
             },
             {
                 "option_id": "tencent",
                 "name": "Tencent Video VIP",
                 "kind": "direct_charge",
-                "partner": "tencent",
+                "partner": demo_fulfilment.PARTNER_ID,
                 "sku": "TX-MONTH",
             },
             {"option_id": "youku", "name": "Youku VIP", "kind": "card_key"},
@@ -312,12 +342,15 @@ async def _burst(
 
 async def _report(
     pool: asyncpg.Pool,
+    redis: Redis,
     settings: Settings,
     benefit_id: str,
     stats: BurstStats,
     options: DemoOptions,
-) -> int:
+) -> list[tuple[str, bool]]:
     period = periods.current_period(settings.tz)
+    # Units held right now: what Redis counts as taken (refunds give units back).
+    taken = int(await redis.hget(BenefitKeys(benefit_id).stock(period), "taken") or 0)
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
     rows = 0
     while time.monotonic() < deadline:
@@ -333,7 +366,7 @@ async def _report(
             """SELECT count(*) FROM (
                SELECT c.user_id, count(*) AS n, max(t.tier) AS tier FROM claims c
                JOIN tiers t ON t.period = c.period AND t.user_id = c.user_id
-               WHERE c.benefit_id = $1 GROUP BY c.user_id) x
+               WHERE c.benefit_id = $1 AND c.status <> 'refunded' GROUP BY c.user_id) x
            WHERE n > CASE WHEN tier >= 8 THEN 2 WHEN tier >= 4 THEN 1 ELSE 0 END""",
             benefit_id,
         )
@@ -383,11 +416,21 @@ async def _report(
         "  by option               " + ", ".join(f"{r['option_id']} {r['n']:,}" for r in by_option)
     )
 
+    refunded = int(
+        await pool.fetchval(
+            "SELECT count(*) FROM claims WHERE benefit_id = $1 AND status = 'refunded'", benefit_id
+        )
+    )
+    if refunded:
+        _say(
+            f"  refunded in the burst    {refunded:>9,}   (failed deliveries; their units "
+            "went back on sale)"
+        )
     checks = [
-        ("accepted <= stock", stats.accepted <= options.stock),
+        ("units taken never exceed stock", taken <= options.stock),
         (
-            "no undersell: stock reached 0 while demand lasted",
-            stats.accepted == options.stock or stats.outcomes["sold_out"] == 0,
+            "no undersell: stock reached exactly 0 while demand lasted",
+            stats.stock_left == 0 or stats.outcomes["sold_out"] == 0,
         ),
         ("no member over the quota of their tier", over_quota == 0),
         ("no claim below min_tier", below_tier == 0),
@@ -396,10 +439,4 @@ async def _report(
         ("no request persisted twice", duplicates == 0),
         ("no transport errors", stats.outcomes["client_error"] == 0),
     ]
-    _say("== invariants ==")
-    for name, ok in checks:
-        _say(f"  [{'ok' if ok else 'FAIL'}] {name}")
-    failed = [name for name, ok in checks if not ok]
-    _say("all invariants hold" if not failed else f"{len(failed)} invariant(s) FAILED")
-    _say(f"(server and writer logs: {Path(tempfile.gettempdir()) / 'claim-service-demo.log'})")
-    return 0 if not failed else 1
+    return checks

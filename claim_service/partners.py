@@ -56,10 +56,14 @@ def parse_partner(partner_id: str, data: Any) -> Partner:
     if not isinstance(data, dict):
         raise ValidationError("partner must be a JSON object")
     base_url = data.get("base_url")
-    if not isinstance(base_url, str) or len(base_url) > 500:
+    if not isinstance(base_url, str) or len(base_url) > 500 or not base_url.isprintable():
         raise ValidationError("base_url must be an http(s) URL", field="base_url")
-    parts = urlsplit(base_url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    try:
+        parts = urlsplit(base_url)
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError as exc:
+        raise ValidationError("base_url must be an http(s) URL", field="base_url") from exc
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValidationError("base_url must be an http(s) URL", field="base_url")
     secret = data.get("secret")
     if not isinstance(secret, str) or not 16 <= len(secret) <= 512:

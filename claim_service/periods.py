@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 
 from claim_service.errors import ValidationError
 
-PERIOD_RE = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
+PERIOD_RE = re.compile(r"^([0-9]{4})-(0[1-9]|1[0-2])\Z")
 
 
 def period_of(moment: datetime, tz: ZoneInfo) -> str:

@@ -96,6 +96,6 @@ async def test_engines_in_separate_clients_share_stock_exactly(
     codes = Counter(d.code for d in decisions)
     assert codes["sold_out"] + codes["quota"] == 1200 - stock
     taken = await redis.hget(BenefitKeys("video").stock(period), "taken")
-    assert int(taken) == stock
+    assert taken is not None and int(taken) == stock
     assert await redis.xlen(BenefitKeys("video").stream) == stock
     assert sum(e.batches for e in engines) < len(requests), "claims were coalesced into batches"

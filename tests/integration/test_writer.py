@@ -70,7 +70,7 @@ async def test_replayed_entries_make_no_second_row(
     accepted = await make_claims(settings, redis, pool, 20)
     keys = BenefitKeys("video")
     await ensure_group(redis, keys.stream)
-    entries: list[Any] = await redis.xrange(keys.stream)
+    entries: list[Any] = list(await redis.xrange(keys.stream) or [])
     writer = ClaimWriter(redis, pool, fast(settings))
     # Write the same entries twice, as a writer that died after COMMIT but before XACK would.
     await writer.write(keys.stream, entries)
@@ -88,7 +88,9 @@ async def test_pending_entries_of_a_dead_writer_are_taken_over(
     keys = BenefitKeys("video")
     await ensure_group(redis, keys.stream)
     # A writer reads a batch, then "dies" before writing it: the entries stay pending.
-    delivered = await redis.xreadgroup(WRITER_GROUP, "dead-writer", {keys.stream: ">"}, count=30)
+    delivered: Any = await redis.xreadgroup(
+        WRITER_GROUP, "dead-writer", {keys.stream: ">"}, count=30
+    )
     assert len(delivered[0][1]) == 30
     quick = replace(fast(settings), writer_claim_idle_ms=50)
     survivor = ClaimWriter(redis, pool, quick)

@@ -172,6 +172,8 @@ def cmd_fulfil(settings: Settings, args: argparse.Namespace) -> int:
 
         start_http_server(args.metrics_port, addr="127.0.0.1")
 
+    warn_dev_defaults(settings)
+
     async def body(redis: Any, pool: Any) -> int:
         from claim_service.fulfilment import FulfilmentWorker
 
@@ -240,8 +242,14 @@ def _serve_one(settings: Settings, with_writer: bool, reuse_port: bool) -> None:
     )
 
 
+def warn_dev_defaults(settings: Settings) -> None:
+    for name in settings.dev_defaults():
+        log.warning("%s is the public development default; set it before going live", name)
+
+
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     settings.require_urls()
+    warn_dev_defaults(settings)
     print(
         f"claim-service {__version__} listening on http://{settings.host}:{settings.port} "
         f"with {settings.workers} worker(s)",

@@ -87,6 +87,17 @@ class Settings:
         if self.log_format not in ("text", "json"):
             raise ConfigError("CLAIM_LOG_FORMAT must be 'text' or 'json'")
 
+    def dev_defaults(self) -> list[str]:
+        """Secrets still at their well-known development values (fine locally only)."""
+        found = []
+        if self.jwt_secret == DEV_JWT_SECRET and self.jwt_public_key is None:
+            found.append("CLAIM_JWT_SECRET")
+        if self.admin_token == DEV_ADMIN_TOKEN:
+            found.append("CLAIM_ADMIN_TOKEN")
+        if self.codes_key == DEV_CODES_KEY:
+            found.append("CLAIM_CODES_KEY")
+        return found
+
     def require_urls(self) -> tuple[str, str]:
         if not self.redis_url or not self.database_url:
             raise ConfigError(

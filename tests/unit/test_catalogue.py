@@ -1,0 +1,85 @@
+"""Benefit definitions, release windows and periods (pure functions, no servers)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from claim_service import periods
+from claim_service.catalogue import parse_benefit
+from claim_service.errors import ValidationError
+
+SHANGHAI = ZoneInfo("Asia/Shanghai")
+
+
+def body(**overrides: object) -> dict[str, object]:
+    return {
+        "min_tier": 4,
+        "quota": [{"min_tier": 4, "per_period": 1}, {"min_tier": 8, "per_period": 2}],
+        "stock_per_period": 80000,
+        "release": {"type": "monthly", "day": 10, "time": "10:00"},
+        "options": [{"option_id": "iqiyi", "kind": "direct_charge", "partner": "p", "sku": "s"}],
+        **overrides,
+    }
+
+
+def test_monthly_release_opens_on_the_10th_at_10_local_time() -> None:
+    benefit = parse_benefit("video", body(), SHANGHAI)
+    opens, closes = benefit.release.window("2026-12", SHANGHAI)
+    assert opens == datetime(2026, 12, 10, 10, 0, tzinfo=SHANGHAI)
+    assert opens.astimezone(ZoneInfo("UTC")).hour == 2
+    assert closes is None
+
+
+def test_monthly_day_is_clamped_to_the_month() -> None:
+    release = {
+        "type": "monthly",
+        "day": 31,
+        "time": "09:30",
+        "close_day": 31,
+        "close_time": "23:59",
+    }
+    benefit = parse_benefit("video", body(release=release), SHANGHAI)
+    opens, closes = benefit.release.window("2027-02", SHANGHAI)
+    assert (opens.day, opens.hour, opens.minute) == (28, 9, 30)
+    assert closes is not None and (closes.day, closes.hour) == (28, 23)
+
+
+def test_quota_grows_with_tier() -> None:
+    benefit = parse_benefit("video", body(), SHANGHAI)
+    assert [benefit.quota_for(t) for t in (0, 3, 4, 7, 8, 16)] == [0, 0, 1, 1, 2, 2]
+    flat = parse_benefit("video", body(quota=3), SHANGHAI)
+    assert flat.quota_for(4) == 3 and flat.quota_for(3) == 0
+
+
+def test_round_trip_through_json() -> None:
+    benefit = parse_benefit("video", body(on_failure="hold"), SHANGHAI, version=7)
+    again = parse_benefit("video", benefit.to_json(), SHANGHAI, version=7)
+    assert again == benefit
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"release": {"type": "monthly", "day": 0}}, "release.day"),
+        ({"release": {"type": "weekly"}}, "release.type"),
+        ({"options": []}, "options"),
+        ({"on_failure": "forget"}, "on_failure"),
+        ({"stock_per_period": -1}, "stock_per_period"),
+    ],
+)
+def test_invalid_definitions_name_the_field(overrides: dict[str, object], field: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        parse_benefit("video", body(**overrides), SHANGHAI)
+    assert info.value.field is not None and field in info.value.field
+
+
+def test_periods() -> None:
+    moment = datetime(2026, 11, 30, 17, 0, tzinfo=ZoneInfo("UTC"))  # 01:00 on Dec 1 in Shanghai
+    assert periods.period_of(moment, SHANGHAI) == "2026-12"
+    assert periods.next_period("2026-12") == "2027-01"
+    assert periods.days_in_period("2028-02") == 29
+    with pytest.raises(ValidationError):
+        periods.parse_period("2026-13")

@@ -23,6 +23,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="report path (default bench/results/claim_path.md, or claim_path.quick.md)",
     )
+    p = sub.add_parser(
+        "voucher-latency",
+        help="claim -> card-key code in the member's hands, paced and in a burst",
+    )
+    p.add_argument("--quick", action="store_true", help="fewer claims (a smoke run)")
+    p.add_argument("--output", type=Path, help="report path")
     return parser
 
 
@@ -34,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
 
         name = "claim_path.quick.md" if args.quick else "claim_path.md"
         return claim_path.main(quick=args.quick, output=args.output or RESULTS_DIR / name)
+    if args.benchmark == "voucher-latency":
+        from bench import voucher_latency
+
+        name = "voucher_latency.quick.md" if args.quick else "voucher_latency.md"
+        return voucher_latency.main(quick=args.quick, output=args.output or RESULTS_DIR / name)
     raise AssertionError(args.benchmark)
 
 

@@ -44,6 +44,7 @@ from claim_service.partners import (
 )
 from claim_service.vault import Vault
 from claim_service.vouchers import assign_code, pool_levels
+from claim_service.writer import NOTIFY_CHANNEL
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,11 @@ FROM due WHERE c.claim_id = due.claim_id
 RETURNING c.claim_id, c.user_id, c.benefit_id, c.option_id, c.period, c.status, c.attempts,
           c.account, c.created_at, due.kind, due.partner, due.sku, due.on_failure
 """
+
+
+async def _set_when(source: asyncio.Event, target: asyncio.Event) -> None:
+    await source.wait()
+    target.set()
 
 
 class _LostLease(Exception):
@@ -106,21 +112,39 @@ class FulfilmentWorker:
     async def run(self, stop: asyncio.Event) -> None:
         log.info("fulfilment worker %s started", self.name)
         self._session = aiohttp.ClientSession()
+        wake = asyncio.Event()
+        stopper = asyncio.create_task(_set_when(stop, wake))
+        listener = await self._listen(wake)
         try:
             while not stop.is_set():
+                wake.clear()
                 try:
                     leased = await self.tick()
                 except (asyncpg.PostgresError, asyncpg.InterfaceError, RedisError, OSError) as exc:
                     log.warning("fulfilment tick failed (%s: %s)", type(exc).__name__, exc)
                     leased = 0
                 if leased == 0:
+                    # Woken at once by the writer's notification; the poll is the fallback.
                     try:
-                        await asyncio.wait_for(stop.wait(), self.settings.fulfil_poll_ms / 1000)
+                        await asyncio.wait_for(wake.wait(), self.settings.fulfil_poll_ms / 1000)
                     except TimeoutError:
                         pass
         finally:
+            stopper.cancel()
+            if listener is not None:
+                await self.pool.release(listener)
             await self._finish()
         log.info("fulfilment worker %s stopped after %d claims", self.name, self.handled)
+
+    async def _listen(self, wake: asyncio.Event) -> Any:
+        """A connection LISTENing for the writer's ``claims_written`` notifications."""
+        try:
+            conn = await self.pool.acquire()
+            await conn.add_listener(NOTIFY_CHANNEL, lambda *_: wake.set())
+            return conn
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            log.warning("not listening for new claims (%s); polling only", exc)
+            return None
 
     async def _finish(self) -> None:
         if self._tasks:

@@ -39,6 +39,7 @@ STREAM_REFRESH_S = 2.0
 RECLAIM_EVERY_S = 1.0
 RETRY_BACKOFF_MAX_S = 5.0
 FIELDS = ("c", "r", "u", "b", "o", "p", "t", "a", "ts")
+NOTIFY_CHANNEL = "claims_written"  # wakes fulfilment workers (see fulfilment.py)
 
 # One statement: the rows and their first event, both only for entries not seen before.
 INSERT_SQL = """
@@ -214,6 +215,8 @@ class ClaimWriter:
         if good_ids:
             status = await self.pool.execute(INSERT_SQL, *columns)
             inserted = int(status.split()[-1])
+            if inserted:
+                await self.pool.execute(f"NOTIFY {NOTIFY_CHANNEL}")
             self.stats.inserted += inserted
             self.stats.duplicates += len(good_ids) - inserted
         self.stats.read += len(entries)

@@ -9,6 +9,7 @@ timeout cannot charge twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -132,16 +133,22 @@ class FulfilmentWorker:
         finally:
             stopper.cancel()
             if listener is not None:
-                await self.pool.release(listener)
+                conn, callback = listener
+                with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                    await conn.remove_listener(NOTIFY_CHANNEL, callback)
+                await self.pool.release(conn)
             await self._finish()
         log.info("fulfilment worker %s stopped after %d claims", self.name, self.handled)
 
     async def _listen(self, wake: asyncio.Event) -> Any:
         """A connection LISTENing for the writer's ``claims_written`` notifications."""
+        def callback(*_: object) -> None:
+            wake.set()
+
         try:
             conn = await self.pool.acquire()
-            await conn.add_listener(NOTIFY_CHANNEL, lambda *_: wake.set())
-            return conn
+            await conn.add_listener(NOTIFY_CHANNEL, callback)
+            return conn, callback
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
             log.warning("not listening for new claims (%s); polling only", exc)
             return None

@@ -200,6 +200,9 @@ def openapi_document() -> bytes:
 async def prometheus_metrics(request: web.Request) -> web.Response:
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+    from claim_service.vouchers import publish_pool_levels
+
+    await publish_pool_levels(request.app[PG], request.app[SETTINGS].codes_low_watermark)
     response = web.Response(body=generate_latest())
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return response

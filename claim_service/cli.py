@@ -89,7 +89,7 @@ async def with_pools(
 # -- commands ----------------------------------------------------------------------------
 
 
-def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+def cmd_migrate(settings: Settings, args: argparse.Namespace, *, out: Any = None) -> int:
     async def main() -> int:
         from claim_service.connections import create_pg_pool, migrate
 
@@ -100,8 +100,10 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
                 applied = await migrate(conn)
         finally:
             await pool.close()
+        summary = ", ".join(applied)
         print(
-            f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else "")
+            f"applied {len(applied)} migration(s)" + (f": {summary}" if applied else ""),
+            file=out or sys.stdout,
         )
         return 0
 
@@ -287,7 +289,8 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
     servers = EmbeddedServers(Path(args.data_dir) if args.data_dir else settings.data_dir)
     with servers:
         local = settings.with_urls(servers.redis_url, servers.database_url)
-        cmd_migrate(local, args)
+        # stdout carries only the export line, for people and scripts to copy.
+        cmd_migrate(local, args, out=sys.stderr)
         print(
             f"export CLAIM_REDIS_URL={servers.redis_url} CLAIM_DATABASE_URL={servers.database_url}",
             flush=True,

@@ -8,14 +8,17 @@ the server runs as an unprivileged system user created on first use.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.util
 import logging
 import os
 import pwd
 import shutil
+import signal
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -27,6 +30,7 @@ from claim_service.errors import EmbeddedServerError
 log = logging.getLogger(__name__)
 
 PG_SYSTEM_USER = "claimsvc-pg"
+PR_SET_PDEATHSIG = 1
 START_TIMEOUT_S = 30.0
 
 
@@ -69,6 +73,14 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: a server never outlives the process that started it
+    (a killed test run or demo must not leave servers behind)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _stop(proc: subprocess.Popen[bytes] | None, grace_s: float = 10.0) -> None:
@@ -120,7 +132,9 @@ class EmbeddedValkey:
             "--maxclients",
             "10000",
         ]
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent
+        )
         _wait_for_port(self.port, self.proc, "valkey-server", logfile)
         log.info("valkey-server %s listening on 127.0.0.1:%d", self.data_dir, self.port)
 
@@ -207,6 +221,7 @@ class EmbeddedPostgres:
                 stderr=subprocess.STDOUT,
                 user=self._user,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         _wait_for_port(self.port, self.proc, "postgres", logfile)
         self._wait_ready(bindir, logfile)

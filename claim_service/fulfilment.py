@@ -44,7 +44,7 @@ from claim_service.partners import (
     send_order,
 )
 from claim_service.vault import Vault
-from claim_service.vouchers import assign_code, pool_levels
+from claim_service.vouchers import assign_code, publish_pool_levels
 from claim_service.writer import NOTIFY_CHANNEL
 
 log = logging.getLogger(__name__)
@@ -142,6 +142,7 @@ class FulfilmentWorker:
 
     async def _listen(self, wake: asyncio.Event) -> Any:
         """A connection LISTENing for the writer's ``claims_written`` notifications."""
+
         def callback(*_: object) -> None:
             wake.set()
 
@@ -193,18 +194,14 @@ class FulfilmentWorker:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     async def check_pools(self) -> None:
-        for level in await pool_levels(self.pool):
-            labels = (level["benefit_id"], level["option_id"])
-            metrics.CODES_FREE.labels(*labels).set(level["free"])
-            low = level["free"] < self.settings.codes_low_watermark
-            metrics.CODES_LOW.labels(*labels).set(1 if low else 0)
-            if low:
-                log.warning(
-                    "card-key pool %s/%s is low: %d free code(s) (watermark %d)",
-                    *labels,
-                    level["free"],
-                    self.settings.codes_low_watermark,
-                )
+        for level in await publish_pool_levels(self.pool, self.settings.codes_low_watermark):
+            log.warning(
+                "card-key pool %s/%s is low: %d free code(s) (watermark %d)",
+                level["benefit_id"],
+                level["option_id"],
+                level["free"],
+                self.settings.codes_low_watermark,
+            )
 
     # -- one claim -----------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from claim_service import metrics
 from claim_service.errors import BackendUnavailable, NotFoundError, ValidationError
 from claim_service.keyspace import BenefitKeys
 from claim_service.vault import Vault, code_context
@@ -226,3 +227,16 @@ async def reserved_without_code(pool: asyncpg.Pool, benefit_id: str, option_id: 
             option_id,
         )
     )
+
+
+async def publish_pool_levels(pool: asyncpg.Pool, low_watermark: int) -> list[dict[str, Any]]:
+    """Set the pool gauges; returns the pools below ``low_watermark``."""
+    low = []
+    for level in await pool_levels(pool):
+        labels = (level["benefit_id"], level["option_id"])
+        metrics.CODES_FREE.labels(*labels).set(level["free"])
+        is_low = level["free"] < low_watermark
+        metrics.CODES_LOW.labels(*labels).set(1 if is_low else 0)
+        if is_low:
+            low.append(level)
+    return low

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import replace
 from typing import Any
 
 import asyncpg
+import pytest
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
@@ -131,21 +133,35 @@ async def test_voucher_is_shown_to_its_owner_only(
 
 
 async def test_low_pool_is_reported(
-    client: Client, settings: Settings, redis: Redis, pool: asyncpg.Pool
+    client: Client,
+    settings: Settings,
+    redis: Redis,
+    pool: asyncpg.Pool,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     await setup(client, settings, codes=8)
     resp = await client.get("/admin/v1/benefits/video/codes", headers=admin(settings))
     (level,) = (await resp.json())["pools"]
     assert level["free"] == 8 and level["low"] is True  # default watermark is 100
-    worker = FulfilmentWorker(pool, redis, replace(settings, codes_low_watermark=10))
-    await worker.check_pools()
     gauge = 'claim_codes_low{benefit="video",option="youku"}'
     assert f"{gauge} 1.0" in await (await client.get("/metrics")).text()
-    await client.post(
-        "/admin/v1/benefits/video/options/youku/codes", json=CODES[10:20], headers=admin(settings)
+    assert (
+        'claim_codes_free{benefit="video",option="youku"} 8.0'
+        in await (await client.get("/metrics")).text()
     )
-    await worker.check_pools()
+    worker = FulfilmentWorker(pool, redis, replace(settings, codes_low_watermark=10))
+    with caplog.at_level(logging.WARNING, logger="claim_service.fulfilment"):
+        await worker.check_pools()
+    assert "card-key pool video/youku is low: 8 free code(s)" in caplog.text
+    more = [f"MORE-{i}" for i in range(100)]
+    await client.post(
+        "/admin/v1/benefits/video/options/youku/codes", json=more, headers=admin(settings)
+    )
     assert f"{gauge} 0.0" in await (await client.get("/metrics")).text()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="claim_service.fulfilment"):
+        await worker.check_pools()
+    assert "is low" not in caplog.text
 
 
 async def test_expired_codes_fail_and_refund(

@@ -116,3 +116,34 @@ async def test_malformed_entries_are_dead_lettered(
     assert await pool.fetchval("SELECT count(*) FROM claims") == 3
     assert writer.stats.dead_lettered == 1
     assert await redis.xlen("claim:deadletter") == 1
+
+
+async def test_nothing_is_acknowledged_while_postgres_refuses_writes(
+    settings: Settings, redis: Redis, pool: asyncpg.Pool
+) -> None:
+    accepted = await make_claims(settings, redis, pool, 40)
+    keys = BenefitKeys("video")
+    # PostgreSQL rejects every insert, as during an outage or a failing disk.
+    await pool.execute(
+        "ALTER TABLE claims ADD CONSTRAINT outage CHECK (claim_id IS NULL) NOT VALID"
+    )
+    try:
+        stop = asyncio.Event()
+        writer = ClaimWriter(redis, pool, fast(settings))
+        task = asyncio.create_task(writer.run(stop))
+        await asyncio.sleep(1.0)
+        assert writer.stats.errors > 0 and writer.stats.inserted == 0
+        assert await redis.xlen(keys.stream) == len(accepted)
+        assert await redis.hlen(keys.pending) == len(accepted)
+    finally:
+        await pool.execute("ALTER TABLE claims DROP CONSTRAINT outage")
+    # The outage ends: the same writer catches up on its own backlog.
+    for _ in range(100):
+        if await pool.fetchval("SELECT count(*) FROM claims") == len(accepted):
+            break
+        await asyncio.sleep(0.1)
+    stop.set()
+    await task
+    assert await pool.fetchval("SELECT count(*) FROM claims") == len(accepted)
+    assert await redis.xlen(keys.stream) == 0
+    assert (await redis.xpending(keys.stream, WRITER_GROUP))["pending"] == 0

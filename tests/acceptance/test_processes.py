@@ -193,3 +193,33 @@ async def test_multi_worker_server_burst(
         return int(await pool.fetchval("SELECT count(*) FROM claims")) == stock
 
     await wait_for(persisted, within=20)
+
+
+def test_servers_do_not_outlive_a_killed_parent() -> None:
+    script = (
+        "from claim_service.embedded import EmbeddedServers\n"
+        "import time\n"
+        "s = EmbeddedServers(ephemeral=True).start()\n"
+        "print(s.valkey.proc.pid, s.postgres.proc.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    pids = [int(p) for p in parent.stdout.readline().split()]
+    assert len(pids) == 2
+    parent.send_signal(signal.SIGKILL)
+    parent.wait(10)
+    deadline = time.monotonic() + 15
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in pids if _running(pid)]
+        time.sleep(0.1)
+    assert alive == [], "a server outlived the process that started it"
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return "zombie" not in status.read()
+    except FileNotFoundError:
+        return False

@@ -150,9 +150,7 @@ async def test_option_rules(client: Client, settings: Settings) -> None:
     assert status == 404 and body["error"] == "unknown_option"
     status, body = await claim(client, settings, "u", "r", benefit_id="nope", option_id="x")
     assert status == 404 and body["error"] == "unknown_benefit"
-    await setup_benefit(
-        client, settings, "single", options=[direct("only")]
-    )
+    await setup_benefit(client, settings, "single", options=[direct("only")])
     status, body = await claim(client, settings, "u", "r", benefit_id="single")
     assert status == 202 and body["option_id"] == "only"
 

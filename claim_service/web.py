@@ -139,6 +139,27 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(500, "internal", "internal error")
 
 
+async def warm_if_empty(redis: Redis, pg: asyncpg.Pool, settings: Settings) -> None:
+    """A Redis that came back empty is rebuilt from PostgreSQL before serving claims."""
+    from claim_service import periods
+    from claim_service.catalogue_store import warm
+    from claim_service.keyspace import CATALOGUE_KEY
+
+    if await redis.exists(CATALOGUE_KEY):
+        return
+    if not await pg.fetchval("SELECT EXISTS (SELECT 1 FROM benefits)"):
+        return  # a new installation: nothing to restore
+    period = periods.current_period(settings.tz)
+    log.warning("Redis holds no catalogue; warming it from PostgreSQL for %s", period)
+    report = await warm(pg, redis, settings.tz, [period])
+    log.warning(
+        "warmed %d benefit(s), %d tier row(s), %d counter(s)",
+        report.benefits_pushed,
+        report.tiers_loaded,
+        report.counters_restored,
+    )
+
+
 def create_app(
     settings: Settings, *, pools: tuple[Redis, asyncpg.Pool] | None = None
 ) -> web.Application:
@@ -162,6 +183,7 @@ def create_app(
             redis_url, database_url = settings.require_urls()
             redis = await create_redis(redis_url, max_connections=256)
             pg = await create_pg_pool(database_url, max_size=10)
+            await warm_if_empty(redis, pg, settings)
         app[REDIS] = redis
         app[PG] = pg
         app[ENGINE] = ClaimEngine(redis, settings)

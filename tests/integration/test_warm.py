@@ -73,3 +73,34 @@ def _body(stock: int) -> dict[str, object]:
     from tests.conftest import benefit_body
 
     return benefit_body(stock=stock)
+
+
+async def test_serve_warms_an_empty_redis_on_start_up(
+    settings: Settings, redis: Redis, pool: asyncpg.Pool
+) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from claim_service.web import create_app
+    from tests.conftest import auth
+
+    period = periods.current_period(settings.tz)
+    benefit = parse_benefit("video", _body(stock=3), settings.tz)
+    await catalogue_store.push_benefit(redis, await catalogue_store.save_benefit(pool, benefit))
+    await save_tiers(pool, redis, period, [("u1", 5), ("u2", 5)])
+    first = await ClaimEngine(redis, settings).claim(ClaimRequest("video", "u1", "r", "iqiyi"))
+    await drain(ClaimWriter(redis, pool, fast(settings)))
+    await redis.flushall()
+
+    async with TestClient(TestServer(create_app(settings))) as client:
+        resp = await client.post(
+            "/v1/benefits/video/claims",
+            headers=auth(settings, "u1"),
+            json={"request_id": "r", "option_id": "iqiyi"},
+        )
+        assert resp.status == 200 and (await resp.json())["claim_id"] == first.claim_id
+        resp = await client.post(
+            "/v1/benefits/video/claims",
+            headers=auth(settings, "u2"),
+            json={"request_id": "r", "option_id": "iqiyi"},
+        )
+        assert resp.status == 202 and (await resp.json())["stock_left"] == 1

@@ -190,6 +190,24 @@ async def test_member_catalogue(client: Client, settings: Settings) -> None:
     assert view["reason"] == "tier_too_low"
 
 
+async def test_metrics_count_decisions(client: Client, settings: Settings) -> None:
+    await setup_benefit(client, settings, stock=1)
+    await load_tiers(client, settings, {"a": 5, "b": 5})
+
+    def count(text: str, outcome: str) -> float:
+        for line in text.splitlines():
+            if line.startswith(f'claim_decisions_total{{outcome="{outcome}"}}'):
+                return float(line.split()[-1])
+        return 0.0
+
+    before = await (await client.get("/metrics")).text()
+    await claim(client, settings, "a", "r", option_id="iqiyi")
+    await claim(client, settings, "b", "r", option_id="iqiyi")
+    after = await (await client.get("/metrics")).text()
+    assert count(after, "ok") == count(before, "ok") + 1
+    assert count(after, "sold_out") == count(before, "sold_out") + 1
+
+
 async def test_health(client: Client) -> None:
     assert (await client.get("/healthz")).status == 200
     resp = await client.get("/readyz")

@@ -18,7 +18,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from claim_service import periods
+from claim_service import metrics, periods
 from claim_service.catalogue import Benefit
 from claim_service.catalogue_store import benefit_from_config
 from claim_service.config import Settings
@@ -248,12 +248,15 @@ class ClaimEngine:
             if head == "stale":
                 await self.benefit(benefit_id, refresh=True)
                 continue
-            return [
-                self._decision(
-                    benefit, period, opens, raw[i * RESULT_WIDTH : (i + 1) * RESULT_WIDTH]
-                )
+            width = RESULT_WIDTH
+            decisions = [
+                self._decision(benefit, period, opens, raw[i * width : (i + 1) * width])
                 for i in range(len(batch))
             ]
+            metrics.CLAIM_BATCH_SIZE.set(len(batch))
+            for decision in decisions:
+                metrics.CLAIM_DECISIONS.labels(decision.code).inc()
+            return decisions
         raise BackendUnavailable("benefit configuration kept changing; retry")
 
     def _decision(

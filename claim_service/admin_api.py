@@ -48,7 +48,9 @@ async def get_benefit(request: web.Request) -> web.Response:
     app = request.app
     benefit_id = check_id(request.match_info["benefit_id"], "benefit_id")
     benefit = await catalogue_store.load_benefit(app[PG], app[SETTINGS].tz, benefit_id)
-    period = request.query.get("period") or periods.current_period(app[SETTINGS].tz)
+    period = request.query.get("period")
+    if period is None:
+        period = periods.current_period(app[SETTINGS].tz)
     periods.parse_period(period)
     return json_response({**benefit.to_json(), "stock": await _stock(request, benefit_id, period)})
 

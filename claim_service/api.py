@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from importlib import resources
 from typing import Any
 
@@ -28,6 +29,8 @@ from claim_service.web import (
 )
 
 READY_TIMEOUT_S = 2.0
+# Request ids and partner accounts travel in headers, logs and partner APIs: keep them plain.
+PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]+\Z")
 
 # claim.lua code -> (HTTP status, error code)
 REJECTIONS = {
@@ -59,11 +62,11 @@ def parse_claim_body(data: dict[str, Any]) -> tuple[str, str | None, str]:
     request_id = data.get("request_id")
     if (
         not isinstance(request_id, str)
-        or not 0 < len(request_id) <= MAX_REQUEST_ID
-        or not request_id.isprintable()
+        or not PRINTABLE_ASCII.match(request_id)
+        or not (0 < len(request_id) <= MAX_REQUEST_ID)
     ):
         raise ValidationError(
-            f"request_id must be a string of 1..{MAX_REQUEST_ID} printable characters",
+            f"request_id must be a string of 1..{MAX_REQUEST_ID} printable ASCII characters",
             field="request_id",
         )
     option_id = data.get("option_id")
@@ -75,9 +78,13 @@ def parse_claim_body(data: dict[str, Any]) -> tuple[str, str | None, str]:
     account = data.get("account", "")
     if account is None:
         account = ""
-    if not isinstance(account, str) or len(account) > MAX_ACCOUNT or not account.isprintable():
+    if (
+        not isinstance(account, str)
+        or len(account) > MAX_ACCOUNT
+        or (account and not PRINTABLE_ASCII.match(account))
+    ):
         raise ValidationError(
-            f"account must be a string of at most {MAX_ACCOUNT} printable characters",
+            f"account must be a string of at most {MAX_ACCOUNT} printable ASCII characters",
             field="account",
         )
     return request_id, option_id, account
@@ -156,7 +163,9 @@ async def get_claim(request: web.Request) -> web.Response:
 async def list_my_claims(request: web.Request) -> web.Response:
     user_id = member(request)
     tz = request.app[SETTINGS].tz
-    period = request.query.get("period") or periods.current_period(tz)
+    period = request.query.get("period")
+    if period is None:
+        period = periods.current_period(tz)
     periods.parse_period(period)
     claims = await member_claims(request.app[PG], user_id, period)
     return json_response({"period": period, "claims": claims})

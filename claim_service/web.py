@@ -118,7 +118,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             raise
         code = STATUS_CODES.get(exc.status, "error")
         message = exc.reason if exc.status != 413 else "request body is too large"
-        return error_response(exc.status, code, message)
+        response = error_response(exc.status, code, message)
+        if "Allow" in exc.headers:  # a 405 must say which methods are allowed
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except ValidationError as exc:
         extra = {"field": exc.field} if exc.field else {}
         return error_response(400, "invalid_request", str(exc), **extra)

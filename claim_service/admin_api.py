@@ -109,7 +109,9 @@ async def add_stock(request: web.Request) -> web.Response:
     amount = data.get("amount")
     if isinstance(amount, bool) or not isinstance(amount, int) or not 0 < amount <= MAX_STOCK:
         raise ValidationError(f"amount must be an integer in 1..{MAX_STOCK}", field="amount")
-    period = data.get("period") or periods.current_period(app[SETTINGS].tz)
+    period = data.get("period")
+    if period is None:
+        period = periods.current_period(app[SETTINGS].tz)
     if not isinstance(period, str):
         raise ValidationError("period must be written YYYY-MM", field="period")
     periods.parse_period(period)

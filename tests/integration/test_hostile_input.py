@@ -848,6 +848,7 @@ async def test_malformed_tiers_json_is_400(client: Client, settings: Settings) -
         ({"amount": [5]}, "amount"),
         ({"amount": 1, "period": "2024-13"}, "period"),
         ({"amount": 1, "period": "2024-1"}, "period"),
+        ({"amount": 1, "period": ""}, "period"),
         ({"amount": 1, "period": 202401}, "period"),
         ({"amount": 1, "period": ["2024-01"]}, "period"),
         ({"amount": 1, "note": 1}, "note"),

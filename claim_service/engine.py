@@ -181,8 +181,8 @@ class ClaimEngine:
                     field="option_id",
                 )
             option_id = benefit.options[0].option_id
-        elif benefit.option(option_id) is None:
-            raise NotFoundError("unknown_option", f"benefit has no option {option_id!r}")
+        # An option this copy of the benefit lacks still goes to claim.lua: a retry of an
+        # accepted request must get its claim back, and the option may be newer than the copy.
         loop = asyncio.get_running_loop()
         pending = _Pending(request, option_id, new_claim_id(), loop.create_future())
         queue = self._queues.get(request.benefit_id)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -100,13 +100,7 @@ async def save_benefit(pool: asyncpg.Pool, benefit: Benefit) -> Benefit:
                 for i, o in enumerate(benefit.options)
             ],
         )
-    return _with_version(benefit, int(version))
-
-
-def _with_version(benefit: Benefit, version: int) -> Benefit:
-    from dataclasses import replace
-
-    return replace(benefit, version=version)
+    return replace(benefit, version=int(version))
 
 
 async def load_benefits(

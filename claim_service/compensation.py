@@ -8,6 +8,7 @@ a crash between the two is finished by the next sweep without a second refund.
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -15,7 +16,7 @@ from redis.asyncio import Redis
 
 from claim_service.errors import ConflictError, NotFoundError
 from claim_service.keyspace import PERIOD_KEY_TTL_S, BenefitKeys, Scripts
-from claim_service.lifecycle import ACCEPTED, FAILED, REFUNDED, record_event, transition
+from claim_service.lifecycle import ACCEPTED, FAILED, REFUNDED, transition
 from claim_service.metrics import REFUNDS
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ async def ops_retry(pool: asyncpg.Pool, redis: Redis, claim_id: str) -> str:
                 "failure_reason": None,
                 "lease_owner": None,
                 "lease_until": None,
-                "next_attempt_at": _now_sql(),
+                "next_attempt_at": datetime.now(UTC),
             },
         )
     return ACCEPTED
@@ -138,14 +139,3 @@ async def ops_refund(pool: asyncpg.Pool, redis: Redis, claim_id: str) -> str:
         raise ConflictError("not_failed", f"the claim is {status}, not failed")
     await refund(pool, redis, claim_id)
     return REFUNDED
-
-
-def _now_sql() -> Any:
-    from datetime import UTC, datetime
-
-    return datetime.now(UTC)
-
-
-async def note(pool: asyncpg.Pool, claim_id: str, status: str, reason: str) -> None:
-    async with pool.acquire() as conn:
-        await record_event(conn, claim_id, status, reason)

@@ -37,10 +37,6 @@ def next_period(period: str) -> str:
     return f"{year + month // 12:04d}-{month % 12 + 1:02d}"
 
 
-def period_end(period: str, tz: ZoneInfo) -> datetime:
-    return period_start(next_period(period), tz)
-
-
 def days_in_period(period: str) -> int:
     year, month = parse_period(period)
     start = datetime(year, month, 1)

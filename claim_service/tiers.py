@@ -147,8 +147,3 @@ async def push_tiers_from_db(pool: asyncpg.Pool, redis: Redis, period: str) -> i
             await _push(redis, period, chunk)
             total += len(chunk)
     return total
-
-
-async def tier_of(redis: Redis, period: str, user_id: str) -> int:
-    raw = await redis.hget(tiers_key(period), user_id)
-    return int(raw) if raw is not None else 0

@@ -92,6 +92,8 @@ async def sweep_refunds(pool: asyncpg.Pool, redis: Redis, limit: int = SWEEP_LIM
 
 async def ops_retry(pool: asyncpg.Pool, redis: Redis, claim_id: str) -> str:
     """Send a failed (held) claim through fulfilment again. Returns the new status."""
+    if await _finish_interrupted_refund(pool, redis, claim_id):
+        raise ConflictError("already_refunded", "the claim's unit was returned; it is final")
     async with pool.acquire() as conn, conn.transaction():
         row = await _locked_claim(conn, claim_id)
         if row is None:
@@ -100,18 +102,6 @@ async def ops_retry(pool: asyncpg.Pool, redis: Redis, claim_id: str) -> str:
             raise ConflictError("already_refunded", "the claim's unit was returned; it is final")
         if row["status"] != FAILED:
             raise ConflictError("not_failed", f"the claim is {row['status']}, not failed")
-        keys = BenefitKeys(row["benefit_id"])
-        if await redis.sismember(keys.refunded(row["period"]), claim_id):
-            # A refund reached Redis before a crash: finish it rather than deliver too.
-            await transition(
-                conn,
-                claim_id,
-                REFUNDED,
-                "unit_and_quota_returned",
-                expect=(FAILED,),
-                detail={"redis": "already"},
-            )
-            raise ConflictError("already_refunded", "the claim's unit was returned; it is final")
         await transition(
             conn,
             claim_id,
@@ -127,6 +117,20 @@ async def ops_retry(pool: asyncpg.Pool, redis: Redis, claim_id: str) -> str:
             },
         )
     return ACCEPTED
+
+
+async def _finish_interrupted_refund(pool: asyncpg.Pool, redis: Redis, claim_id: str) -> bool:
+    """A refund that reached Redis but not PostgreSQL (a crash in between) is completed
+    rather than letting the claim be delivered too. True when the claim is now refunded."""
+    row = await pool.fetchrow(
+        "SELECT benefit_id, period, status FROM claims WHERE claim_id = $1", claim_id
+    )
+    if row is None or row["status"] != FAILED:
+        return False
+    keys = BenefitKeys(row["benefit_id"])
+    if not await redis.sismember(keys.refunded(row["period"]), claim_id):
+        return False
+    return await refund(pool, redis, claim_id)  # the Redis side is a no-op by then
 
 
 async def ops_refund(pool: asyncpg.Pool, redis: Redis, claim_id: str) -> str:

@@ -314,3 +314,28 @@ async def test_failed_callback_refunds_once(
         json={"request_id": "second", "option_id": "iqiyi"},
     )
     assert resp.status == 202
+
+
+async def test_ops_retry_finishes_a_refund_interrupted_by_a_crash(
+    client: Client, settings: Settings, redis: Redis, pool: asyncpg.Pool, sim: PartnerSimulator
+) -> None:
+    from claim_service.compensation import _refund_in_redis
+
+    sim.config = replace(sim.config, failure_rate=1.0)
+    await setup(client, settings, sim, members=1, stock=1, on_failure="hold", max_attempts=1)
+    (claim_id,) = await claim_all(client, settings, 1)
+    await run_until_final(quick(settings), redis, pool)
+    assert await pool.fetchval("SELECT status FROM claims") == "failed"
+    # A refund got as far as Redis, then the process died before PostgreSQL committed.
+    async with pool.acquire() as conn:
+        row = await conn.fetchrow(
+            """SELECT c.*, o.kind FROM claims c JOIN benefit_options o
+               USING (benefit_id, option_id) WHERE claim_id = $1""",
+            claim_id,
+        )
+    assert row is not None
+    assert await _refund_in_redis(redis, row)
+    resp = await client.post(f"/admin/v1/claims/{claim_id}/retry", headers=admin(settings))
+    assert resp.status == 409 and (await resp.json())["error"] == "already_refunded"
+    assert await pool.fetchval("SELECT status FROM claims") == "refunded"
+    await assert_units_returned_once(settings, redis, pool)

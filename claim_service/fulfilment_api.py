@@ -20,6 +20,7 @@ from claim_service.web import (
     SETTINGS,
     VAULT,
     json_response,
+    parse_json_object,
     read_body,
     read_json,
     read_json_any,
@@ -62,14 +63,7 @@ async def partner_callback(request: web.Request) -> web.Response:
 
 
 def _callback_body(body: bytes) -> dict[str, Any]:
-    import orjson
-
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise ValidationError("body is not valid JSON") from exc
-    if not isinstance(data, dict):
-        raise ValidationError("body must be a JSON object")
+    data = parse_json_object(body)
     order_id = data.get("order_id")
     if not isinstance(order_id, str) or not CLAIM_ID_RE.match(order_id):
         raise NotFoundError("unknown_order", "no such order")

@@ -31,6 +31,7 @@ from aiohttp import web
 
 from claim_service.errors import ValidationError
 from claim_service.signing import IDEMPOTENCY_HEADER, SignatureError, signed_headers, verify
+from claim_service.web import parse_json_object
 
 log = logging.getLogger(__name__)
 
@@ -147,19 +148,9 @@ def _error(status: int, code: str, message: str) -> web.Response:
     return _json({"error": code, "message": message}, status)
 
 
-def _json_object(body: bytes) -> dict[str, Any]:
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise ValidationError(f"body is not valid JSON: {exc.msg}") from exc
-    if not isinstance(data, dict):
-        raise ValidationError("body must be a JSON object")
-    return data
-
-
 def parse_order(body: bytes) -> dict[str, Any]:
     """The order request's fields, or ``ValidationError`` naming the first bad one."""
-    data = _json_object(body)
+    data = parse_json_object(body)
     for name in ("order_id", "sku", "account", "created_at"):
         value = data.get(name)
         if not isinstance(value, str) or not value.strip():
@@ -346,7 +337,7 @@ class PartnerSimulator:
         if (rejection := self._verify(request, body)) is not None:
             return rejection
         try:
-            changes = _json_object(body)
+            changes = parse_json_object(body)
             unknown = sorted(set(changes) - {*RATE_FIELDS, *DELAY_FIELDS})
             if unknown:
                 raise ValidationError(f"cannot change {', '.join(unknown)}")

@@ -85,7 +85,7 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 async def read_json(request: web.Request, limit: int) -> dict[str, Any]:
     """The body as a JSON object; 413 past ``limit`` bytes, 400 for anything not an object."""
     body = await read_body(request, limit)
-    return _object(body)
+    return parse_json_object(body)
 
 
 async def read_json_any(request: web.Request, limit: int) -> Any:
@@ -96,7 +96,8 @@ async def read_json_any(request: web.Request, limit: int) -> Any:
         raise ValidationError(f"body is not valid JSON: {exc.msg}") from exc
 
 
-def _object(body: bytes) -> dict[str, Any]:
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """``body`` as a JSON object, or ``ValidationError`` saying what is wrong with it."""
     if not body:
         raise ValidationError("a JSON object body is required")
     try:

@@ -161,7 +161,7 @@ def cmd_writer(settings: Settings, args: argparse.Namespace) -> int:
     async def body(redis: Any, pool: Any) -> int:
         from claim_service.writer import ClaimWriter
 
-        writer = ClaimWriter(redis, pool, settings)
+        writer = ClaimWriter(redis, pool, settings, consumer=args.name)
         await writer.run(stop_event())
         return 0
 
@@ -179,7 +179,7 @@ def cmd_fulfil(settings: Settings, args: argparse.Namespace) -> int:
     async def body(redis: Any, pool: Any) -> int:
         from claim_service.fulfilment import FulfilmentWorker
 
-        await FulfilmentWorker(pool, redis, settings).run(stop_event())
+        await FulfilmentWorker(pool, redis, settings, name=args.name).run(stop_event())
         return 0
 
     return run_async(with_pools(settings, body, pg_size=10))
@@ -361,10 +361,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("writer", help="persist accepted claims from Redis to PostgreSQL")
+    p.add_argument(
+        "--name",
+        help="a stable name per instance: restarted under the same name, it resumes its own "
+        "unfinished work at once instead of waiting for it to time out",
+    )
     p.set_defaults(func=cmd_writer)
 
     p = sub.add_parser("fulfil", help="deliver persisted claims (card-key and direct charge)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    p.add_argument(
+        "--name",
+        help="a stable name per instance: restarted under the same name, it resumes its own "
+        "unfinished work at once instead of waiting for it to time out",
+    )
     p.set_defaults(func=cmd_fulfil)
 
     p = sub.add_parser("load-codes", help="load redemption codes (CSV: code[,secret[,expires_at]])")

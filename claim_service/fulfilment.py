@@ -115,6 +115,7 @@ class FulfilmentWorker:
         self._session = aiohttp.ClientSession()
         wake = asyncio.Event()
         stopper = asyncio.create_task(_set_when(stop, wake))
+        await self._release_own_leases()
         listener = await self._listen(wake)
         try:
             while not stop.is_set():
@@ -139,6 +140,21 @@ class FulfilmentWorker:
                 await self.pool.release(conn)
             await self._finish()
         log.info("fulfilment worker %s stopped after %d claims", self.name, self.handled)
+
+    async def _release_own_leases(self) -> None:
+        """Leases held under our name are from a previous life of this worker (restarted with
+        the same ``--name``): take them back now rather than when they time out."""
+        try:
+            status = await self.pool.execute(
+                """UPDATE claims SET lease_owner = NULL, lease_until = NULL
+                   WHERE lease_owner = $1 AND status IN ('accepted', 'fulfilling')""",
+                self.name,
+            )
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            log.warning("could not release earlier leases (%s)", exc)
+            return
+        if status != "UPDATE 0":
+            log.info("worker %s resumes its earlier leases (%s)", self.name, status)
 
     async def _listen(self, wake: asyncio.Event) -> Any:
         """A connection LISTENing for the writer's ``claims_written`` notifications."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 from collections import Counter
@@ -142,3 +143,42 @@ async def test_killed_fulfil_worker_resumes_without_loss_or_double_charge(
         assert stats["duplicates_received"] > 0, "some orders were resent after the kill/timeouts"
     finally:
         await sim.stop()
+
+
+async def test_a_named_fulfil_worker_restarted_takes_its_leases_back_at_once(
+    client: Client,
+    settings: Settings,
+    redis: Redis,
+    pool: asyncpg.Pool,
+    procs: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    from tests.integration.test_card_key import claim_all as claim_codes
+    from tests.integration.test_card_key import setup as setup_codes
+
+    await setup_codes(client, settings, stock=100, codes=30)
+    assert sum(r["http"] == 202 for r in await claim_codes(client, settings, range(30))) == 30
+    await drain(ClaimWriter(redis, pool, fast(settings)))
+    # Worker "f1" died holding every claim under a lease that would last ten more minutes.
+    await pool.execute(
+        "UPDATE claims SET lease_owner = 'f1', lease_until = now() + interval '10 minutes'"
+    )
+    log = tmp_path / "fulfil.log"
+    other = spawn(settings, ["fulfil", "--name", "f2"], log)
+    procs.append(other)
+    await asyncio.sleep(2.0)
+    assert await pool.fetchval("SELECT count(*) FROM claims WHERE status = 'fulfilled'") == 0
+    other.terminate()
+    other.wait(15)
+    procs.append(spawn(settings, ["fulfil", "--name", "f1"], log))
+
+    async def all_fulfilled() -> bool:
+        return (
+            int(await pool.fetchval("SELECT count(*) FROM claims WHERE status = 'fulfilled'")) == 30
+        )
+
+    await wait_for(all_fulfilled, within=30)
+    assert (
+        await pool.fetchval("SELECT count(DISTINCT code_id) FROM claims WHERE status = 'fulfilled'")
+        == 30
+    )

@@ -223,3 +223,44 @@ def _running(pid: int) -> bool:
             return "zombie" not in status.read()
     except FileNotFoundError:
         return False
+
+
+async def test_a_named_writer_restarted_resumes_its_own_pending_entries_at_once(
+    settings: Settings,
+    redis: Redis,
+    pool: asyncpg.Pool,
+    procs: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    total = 3000
+    period = periods.current_period(settings.tz)
+    benefit = parse_benefit("video", benefit_body(stock=total, quota=1), settings.tz)
+    await catalogue_store.push_benefit(redis, await catalogue_store.save_benefit(pool, benefit))
+    await save_tiers(pool, redis, period, [(f"u{i}", 5) for i in range(total)])
+    engine = ClaimEngine(redis, settings)
+    await asyncio.gather(
+        *(engine.claim(ClaimRequest("video", f"u{i}", "r", "iqiyi")) for i in range(total))
+    )
+    stream = BenefitKeys("video").stream
+    from claim_service.writer import ensure_group
+
+    await ensure_group(redis, stream)
+    # The named writer "died" holding 1,000 delivered but unwritten entries.
+    await redis.xreadgroup(WRITER_GROUP, "writer-a", {stream: ">"}, count=1000)
+    assert (await redis.xpending(stream, WRITER_GROUP))["pending"] == 1000
+    # Restarted under its name, it writes them at once, though the takeover idle time
+    # (an hour here) would keep a differently named writer waiting.
+    procs.append(
+        spawn(
+            settings,
+            ["writer", "--name", "writer-a"],
+            tmp_path / "w.log",
+            CLAIM_WRITER_CLAIM_IDLE_MS="3600000",
+        )
+    )
+
+    async def done() -> bool:
+        return int(await pool.fetchval("SELECT count(*) FROM claims")) == total
+
+    await wait_for(done, within=30)
+    assert (await redis.xpending(stream, WRITER_GROUP))["pending"] == 0

@@ -301,7 +301,7 @@ class ClaimEngine:
                 pipe.hget(tiers_key(period), user_id)
                 for bid in ids:
                     keys = BenefitKeys(bid)
-                    pipe.hmget(keys.config, ["json", "version"])
+                    pipe.hget(keys.config, "version")
                     pipe.hmget(keys.stock(period), ["added", "taken"])
                     pipe.hget(keys.used(period), user_id)
                 results = await pipe.execute()
@@ -310,11 +310,16 @@ class ClaimEngine:
         tier = int(results[0]) if results[0] is not None else 0
         views = []
         for i, bid in enumerate(ids):
-            (raw, version), (added, taken), used = results[1 + 3 * i : 4 + 3 * i]
-            if raw is None:
+            version, (added, taken), used = results[1 + 3 * i : 4 + 3 * i]
+            if version is None:
                 continue
-            benefit = benefit_from_config(raw, int(version), self.tz)
-            self._cache[bid] = _CacheEntry(benefit)
+            # The parsed benefit is reused while its version stands: no JSON per request.
+            cached = self._cache.get(bid)
+            benefit = cached.benefit if cached else None
+            if benefit is None or benefit.version != int(version):
+                benefit = await self.benefit(bid, refresh=True)
+                if benefit is None:
+                    continue
             stock_left = benefit.stock_per_period + int(added or 0) - int(taken or 0)
             views.append(self._view(benefit, period, now, tier, int(used or 0), max(stock_left, 0)))
         return views

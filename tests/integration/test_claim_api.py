@@ -8,6 +8,7 @@ from aiohttp.test_utils import TestClient
 
 from claim_service import periods
 from claim_service.config import Settings
+from claim_service.web import PG, REDIS
 from tests.conftest import admin, auth, benefit_body, direct
 
 Client = TestClient[Any, Any]
@@ -213,3 +214,24 @@ async def test_health(client: Client) -> None:
     resp = await client.get("/readyz")
     assert resp.status == 200
     assert (await resp.json())["checks"] == {"redis": "ok", "postgres": "ok"}
+
+
+async def test_catalogue_follows_changes_made_by_another_process(
+    client: Client, settings: Settings
+) -> None:
+    from claim_service import catalogue_store
+
+    await setup_benefit(client, settings, stock=3)
+    await load_tiers(client, settings, {"v5": 5})
+    view = (await (await client.get("/v1/benefits", headers=auth(settings, "v5"))).json())[
+        "benefits"
+    ][0]
+    assert view["can_claim"] is True
+    # Another API process pauses it: this process's cached copy is now an old version.
+    await catalogue_store.set_paused(client.app[PG], client.app[REDIS], settings.tz, "video", True)
+    view = (await (await client.get("/v1/benefits", headers=auth(settings, "v5"))).json())[
+        "benefits"
+    ][0]
+    assert view["paused"] is True and view["reason"] == "paused"
+    status, body = await claim(client, settings, "v5", "r", option_id="iqiyi")
+    assert status == 423 and body["error"] == "paused"

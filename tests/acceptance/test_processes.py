@@ -64,14 +64,10 @@ async def wait_for(
     raise AssertionError("condition not reached in time")
 
 
-async def test_writer_killed_mid_batch_loses_and_duplicates_nothing(
-    settings: Settings,
-    redis: Redis,
-    pool: asyncpg.Pool,
-    procs: list[subprocess.Popen[bytes]],
-    tmp_path: Path,
+async def accepted_backlog(
+    settings: Settings, redis: Redis, pool: asyncpg.Pool, total: int
 ) -> None:
-    total = 20_000
+    """``total`` claims accepted in Redis and waiting in the stream for a writer."""
     period = periods.current_period(settings.tz)
     benefit = parse_benefit("video", benefit_body(stock=total, quota=1), settings.tz)
     await catalogue_store.push_benefit(redis, await catalogue_store.save_benefit(pool, benefit))
@@ -81,12 +77,23 @@ async def test_writer_killed_mid_batch_loses_and_duplicates_nothing(
         decisions = await asyncio.gather(
             *(
                 engine.claim(ClaimRequest("video", f"u{i}", "r", "iqiyi"))
-                for i in range(start, start + 1000)
+                for i in range(start, min(start + 1000, total))
             )
         )
         assert all(d.code == "ok" for d in decisions)
+    assert await redis.xlen(BenefitKeys("video").stream) == total
+
+
+async def test_writer_killed_mid_batch_loses_and_duplicates_nothing(
+    settings: Settings,
+    redis: Redis,
+    pool: asyncpg.Pool,
+    procs: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    total = 20_000
+    await accepted_backlog(settings, redis, pool, total)
     stream = BenefitKeys("video").stream
-    assert await redis.xlen(stream) == total
 
     env = {"CLAIM_WRITER_BATCH": "1500", "CLAIM_WRITER_CLAIM_IDLE_MS": "300"}
     log = tmp_path / "writer.log"
@@ -233,14 +240,7 @@ async def test_a_named_writer_restarted_resumes_its_own_pending_entries_at_once(
     tmp_path: Path,
 ) -> None:
     total = 3000
-    period = periods.current_period(settings.tz)
-    benefit = parse_benefit("video", benefit_body(stock=total, quota=1), settings.tz)
-    await catalogue_store.push_benefit(redis, await catalogue_store.save_benefit(pool, benefit))
-    await save_tiers(pool, redis, period, [(f"u{i}", 5) for i in range(total)])
-    engine = ClaimEngine(redis, settings)
-    await asyncio.gather(
-        *(engine.claim(ClaimRequest("video", f"u{i}", "r", "iqiyi")) for i in range(total))
-    )
+    await accepted_backlog(settings, redis, pool, total)
     stream = BenefitKeys("video").stream
     from claim_service.writer import ensure_group
 

@@ -7,6 +7,7 @@ from typing import Any
 from aiohttp import web
 
 from claim_service import catalogue_store, periods
+from claim_service.anomalies import list_anomalies
 from claim_service.auth import check_admin
 from claim_service.catalogue import MAX_STOCK, check_id, parse_benefit
 from claim_service.errors import ValidationError
@@ -151,6 +152,16 @@ async def writer_backlog(request: web.Request) -> web.Response:
     return json_response({"unpersisted": await backlog(request.app[REDIS])})
 
 
+async def get_anomalies(request: web.Request) -> web.Response:
+    """``GET /admin/v1/anomalies[?kind=&limit=]``: counts by kind and the newest entries."""
+    _admin(request)
+    kind = request.query.get("kind")
+    raw_limit = request.query.get("limit", "100")
+    if not raw_limit.isdigit() or not 0 < int(raw_limit) <= 1000:
+        raise ValidationError("limit must be an integer in 1..1000", field="limit")
+    return json_response(await list_anomalies(request.app[PG], kind, int(raw_limit)))
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/admin/v1/benefits", list_benefits)
     app.router.add_put("/admin/v1/benefits/{benefit_id}", put_benefit)
@@ -160,3 +171,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/admin/v1/benefits/{benefit_id}/stock", add_stock)
     app.router.add_put("/admin/v1/tiers/{period}", put_tiers)
     app.router.add_get("/admin/v1/writer", writer_backlog)
+    app.router.add_get("/admin/v1/anomalies", get_anomalies)

@@ -24,3 +24,6 @@ CODES_LOW = Gauge(
     "claim_codes_low", "1 when the free codes are below the low watermark", ["benefit", "option"]
 )
 REFUNDS = Counter("claim_refunds_total", "Failed claims whose unit and quota were returned")
+ANOMALIES = Counter(
+    "claim_anomalies_total", "Anomalies recorded for ops (GET /admin/v1/anomalies)", ["kind"]
+)

@@ -24,7 +24,7 @@ from claim_service.embedded import EmbeddedServers
 from claim_service.web import create_app
 
 TABLES = (
-    "claims, claim_events, voucher_codes, partners, tiers, stock_additions, benefit_options, "
+    "anomalies, claims, claim_events, voucher_codes, partners, tiers, stock_additions, benefit_options, "
     "benefits"
 )
 

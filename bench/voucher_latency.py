@@ -65,7 +65,7 @@ async def _run(settings: Settings, paced: int, burst: int, output: Path) -> int:
     procs = _spawn(env, ("writer", "fulfil"))
     try:
         await asyncio.sleep(2.0)  # both processes up and idle: "normal operation"
-        engine = ClaimEngine(redis, settings)
+        engine = ClaimEngine(redis, settings, pool=pool)
         started = time.monotonic()
         for i in range(paced):  # 20 claims/s, one at a time
             decision = await engine.claim(ClaimRequest("bench", f"m{i}", "paced", "codes"))

@@ -13,7 +13,7 @@ from claim_service.errors import ValidationError
 
 # \Z, not $: "$" also matches before a trailing newline, and "video\n" is no id.
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
-TIME_RE = re.compile(r"^([01][0-9]|2[0-3]):([0-5][0-9])\Z")
+TIME_RE = re.compile(r"^([01][0-9]|2[0-3]):([0-5][0-9])(?::([0-5][0-9]))?\Z")
 # Names and SKUs are shown to members and sent to partners; PostgreSQL rejects NUL outright.
 CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 KINDS = ("direct_charge", "card_key")
@@ -58,39 +58,57 @@ class Option:
         }
 
 
+def _clock(second_of_day: int) -> str:
+    hours, rest = divmod(second_of_day, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours:02d}:{minutes:02d}" + (f":{seconds:02d}" if seconds else "")
+
+
 @dataclass(frozen=True)
 class Release:
-    """Monthly (``day`` + local ``time``) or a one-off opening instant."""
+    """Monthly (``day`` + local ``time``) or a one-off opening instant.
+
+    A monthly release has a stock and quotas per calendar month. A one-off release has one
+    period for its whole window, the month it opens in, so a window that spans a month end
+    keeps one stock and one quota per member throughout.
+    """
 
     type: str
     day: int = 0
-    minute: int = 0
+    second: int = 0
     close_day: int | None = None
-    close_minute: int = 0
+    close_second: int = 0
     opens_at: datetime | None = None
     closes_at: datetime | None = None
 
     def window(self, period: str, tz: ZoneInfo) -> tuple[datetime, datetime | None]:
         """When claims for ``period`` open and close (``None``: at the end of the period)."""
         if self.type == "monthly":
-            opens = periods.local_day_time(period, self.day, self.minute, tz)
+            opens = periods.local_day_time(period, self.day, self.second, tz)
             closes = None
             if self.close_day is not None:
-                closes = periods.local_day_time(period, self.close_day, self.close_minute, tz)
+                closes = periods.local_day_time(period, self.close_day, self.close_second, tz)
             return opens, closes
         assert self.opens_at is not None
         return self.opens_at, self.closes_at
 
+    @property
+    def fixed_period(self) -> bool:
+        return self.type == "once"
+
+    def period_at(self, moment: datetime, tz: ZoneInfo) -> str:
+        """The period a claim decided at ``moment`` counts against."""
+        if self.type == "once":
+            assert self.opens_at is not None
+            return periods.period_of(self.opens_at, tz)
+        return periods.period_of(moment, tz)
+
     def to_json(self) -> dict[str, Any]:
         if self.type == "monthly":
-            out: dict[str, Any] = {
-                "type": "monthly",
-                "day": self.day,
-                "time": f"{self.minute // 60:02d}:{self.minute % 60:02d}",
-            }
+            out: dict[str, Any] = {"type": "monthly", "day": self.day, "time": _clock(self.second)}
             if self.close_day is not None:
                 out["close_day"] = self.close_day
-                out["close_time"] = f"{self.close_minute // 60:02d}:{self.close_minute % 60:02d}"
+                out["close_time"] = _clock(self.close_second)
             return out
         assert self.opens_at is not None
         return {
@@ -168,11 +186,11 @@ def _str(data: dict[str, Any], name: str, max_len: int, where: str = "") -> str 
     return value
 
 
-def _minute(text: Any, name: str) -> int:
+def _second_of_day(text: Any, name: str) -> int:
     match = TIME_RE.match(text) if isinstance(text, str) else None
     if not match:
-        raise ValidationError(f"{name} must be HH:MM", field=name)
-    return int(match.group(1)) * 60 + int(match.group(2))
+        raise ValidationError(f"{name} must be HH:MM or HH:MM:SS", field=name)
+    return int(match.group(1)) * 3600 + int(match.group(2)) * 60 + int(match.group(3) or 0)
 
 
 def _instant(text: Any, name: str, tz: ZoneInfo) -> datetime:
@@ -191,16 +209,16 @@ def parse_release(data: Any, tz: ZoneInfo) -> Release:
     kind = data.get("type")
     if kind == "monthly":
         day = _int(data, "day", 1, 31, "release.")
-        minute = _minute(data.get("time", "00:00"), "release.time")
+        second = _second_of_day(data.get("time", "00:00"), "release.time")
         close_day = data.get("close_day")
-        close_minute = 0
+        close_second = 0
         if close_day is not None:
             close_day = _int(data, "close_day", 1, 31, "release.")
-            close_minute = _minute(data.get("close_time", "00:00"), "release.close_time")
-            if (close_day, close_minute) <= (day, minute):
+            close_second = _second_of_day(data.get("close_time", "00:00"), "release.close_time")
+            if (close_day, close_second) <= (day, second):
                 raise ValidationError("release must close after it opens", field="release")
         return Release(
-            "monthly", day=day, minute=minute, close_day=close_day, close_minute=close_minute
+            "monthly", day=day, second=second, close_day=close_day, close_second=close_second
         )
     if kind == "once":
         opens = _instant(data.get("opens_at"), "release.opens_at", tz)

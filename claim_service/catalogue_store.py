@@ -2,15 +2,13 @@
 
 Every change bumps the benefit's ``version`` in PostgreSQL first and then pushes the whole
 configuration to Redis; ``push_config.lua`` refuses to go backwards, so concurrent pushes
-converge on the newest version. ``warm`` rebuilds Redis from PostgreSQL after a data loss
-without ever lowering a counter Redis still holds.
+converge on the newest version. Rebuilding Redis's counters is ``recovery``'s job.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -24,8 +22,6 @@ from claim_service.errors import BackendUnavailable, NotFoundError
 from claim_service.keyspace import CATALOGUE_KEY, PERIOD_KEY_TTL_S, BenefitKeys, Scripts
 
 log = logging.getLogger(__name__)
-
-RESTORE_CHUNK = 2_000
 
 
 def config_fields(benefit: Benefit) -> dict[str, str | int]:
@@ -158,7 +154,9 @@ async def set_paused(
 async def add_stock(
     pool: asyncpg.Pool, redis: Redis, benefit_id: str, period: str, amount: int, note: str | None
 ) -> int:
-    """Record a top-up in PostgreSQL, then raise Redis's counter. Returns the period's total."""
+    """Record a top-up in PostgreSQL, then raise Redis's ``added`` to the period's sum in
+    PostgreSQL (never lowering it), so a repeat or a race with recovery cannot count a top-up
+    twice or lose it. Returns the period's total."""
     async with pool.acquire() as conn, conn.transaction():
         exists = await conn.fetchval(
             "SELECT 1 FROM benefits WHERE benefit_id = $1 FOR SHARE", benefit_id
@@ -172,131 +170,16 @@ async def add_stock(
             amount,
             note,
         )
+    total = await pool.fetchval(
+        "SELECT sum(amount) FROM stock_additions WHERE benefit_id = $1 AND period = $2",
+        benefit_id,
+        period,
+    )
     try:
-        keys = BenefitKeys(benefit_id)
-        async with redis.pipeline(transaction=True) as pipe:
-            pipe.hincrby(keys.stock(period), "added", amount)
-            pipe.expire(keys.stock(period), PERIOD_KEY_TTL_S)
-            total, _ = await pipe.execute()
+        await Scripts(redis).restore(
+            keys=[BenefitKeys(benefit_id).stock(period)],
+            args=["max", PERIOD_KEY_TTL_S, "0", "", "added", int(total)],
+        )
     except RedisError as exc:
         raise BackendUnavailable("stock recorded; Redis not updated, run `warm`") from exc
     return int(total)
-
-
-@dataclass
-class WarmReport:
-    benefits_pushed: int = 0
-    periods: tuple[str, ...] = ()
-    tiers_loaded: int = 0
-    counters_restored: int = 0
-
-
-async def warm(
-    pool: asyncpg.Pool, redis: Redis, tz: ZoneInfo, periods: Iterable[str]
-) -> WarmReport:
-    """Rebuild Redis from PostgreSQL: catalogue, tiers, stock, quotas and idempotency."""
-    from claim_service.tiers import push_tiers_from_db
-
-    report = WarmReport(periods=tuple(periods))
-    scripts = Scripts(redis)
-    for benefit in await load_benefits(pool, tz):
-        await push_benefit(redis, benefit)
-        report.benefits_pushed += 1
-    for period in report.periods:
-        report.tiers_loaded += await push_tiers_from_db(pool, redis, period)
-        report.counters_restored += await _restore_counters(pool, scripts, period)
-    report.counters_restored += await _restore_codes(pool, scripts)
-    return report
-
-
-async def _restore_counters(pool: asyncpg.Pool, scripts: Scripts, period: str) -> int:
-    restored = 0
-    added = await pool.fetch(
-        "SELECT benefit_id, sum(amount) AS n FROM stock_additions WHERE period = $1 GROUP BY 1",
-        period,
-    )
-    for row in added:
-        keys = BenefitKeys(row["benefit_id"])
-        restored += await _restore(scripts, keys.stock(period), "max", [("added", row["n"])])
-    taken = await pool.fetch(
-        """SELECT benefit_id, option_id, count(*) AS n FROM claims
-           WHERE period = $1 AND status <> 'refunded'
-           GROUP BY ROLLUP (benefit_id, option_id)""",
-        period,
-    )
-    for row in taken:
-        if row["benefit_id"] is None:
-            continue
-        field = "taken" if row["option_id"] is None else "taken:" + row["option_id"]
-        keys = BenefitKeys(row["benefit_id"])
-        restored += await _restore(scripts, keys.stock(period), "max", [(field, row["n"])])
-    async with pool.acquire() as conn, conn.transaction():
-        cursor = conn.cursor(
-            """SELECT benefit_id, user_id, count(*) FILTER (WHERE status <> 'refunded') AS n,
-                      array_agg(request_id) AS requests, array_agg(claim_id) AS claim_ids,
-                      array_agg(option_id) AS options, array_agg(tier) AS tiers,
-                      array_agg((extract(epoch FROM created_at) * 1000)::bigint) AS created
-               FROM claims WHERE period = $1 GROUP BY benefit_id, user_id
-               ORDER BY benefit_id""",
-            period,
-        )
-        used: dict[str, list[tuple[str, Any]]] = {}
-        idem: dict[str, list[tuple[str, Any]]] = {}
-        async for row in cursor:
-            bid = row["benefit_id"]
-            user = row["user_id"]
-            used.setdefault(bid, []).append((user, row["n"]))
-            for req, cid, opt, tier, created in zip(
-                row["requests"],
-                row["claim_ids"],
-                row["options"],
-                row["tiers"],
-                row["created"],
-                strict=True,
-            ):
-                field = f"{len(user)}:{user}{req}"
-                idem.setdefault(bid, []).append((field, f"{cid}|{opt}|{tier}|{created}"))
-    for bid, pairs in used.items():
-        restored += await _restore(scripts, BenefitKeys(bid).used(period), "max", pairs)
-    for bid, pairs in idem.items():
-        restored += await _restore(scripts, BenefitKeys(bid).idempotency(period), "setnx", pairs)
-    refunded = await pool.fetch(
-        "SELECT benefit_id, claim_id FROM claims WHERE period = $1 AND status = 'refunded'",
-        period,
-    )
-    async with scripts.client.pipeline(transaction=False) as pipe:
-        for row in refunded:
-            pipe.sadd(BenefitKeys(row["benefit_id"]).refunded(period), row["claim_id"])
-            pipe.expire(BenefitKeys(row["benefit_id"]).refunded(period), PERIOD_KEY_TTL_S)
-        await pipe.execute()
-    return restored
-
-
-async def _restore_codes(pool: asyncpg.Pool, scripts: Scripts) -> int:
-    """Free-code counters of card-key options, only where Redis lost them."""
-    from claim_service.vouchers import pool_levels, reserved_without_code
-
-    restored = 0
-    for level in await pool_levels(pool):
-        bid, oid = level["benefit_id"], level["option_id"]
-        free = level["free"] - await reserved_without_code(pool, bid, oid)
-        restored += await _restore(
-            scripts, BenefitKeys(bid).codes, "setnx", [(oid, max(free, 0))], ttl_s=0
-        )
-    return restored
-
-
-async def _restore(
-    scripts: Scripts,
-    key: str,
-    mode: str,
-    pairs: list[tuple[str, Any]],
-    ttl_s: int = PERIOD_KEY_TTL_S,
-) -> int:
-    written = 0
-    for start in range(0, len(pairs), RESTORE_CHUNK):
-        argv: list[Any] = [mode, ttl_s]
-        for field, value in pairs[start : start + RESTORE_CHUNK]:
-            argv += [field, value]
-        written += int(await scripts.restore(keys=[key], args=argv))
-    return written

@@ -2,7 +2,9 @@
 
 The Redis side (``refund.lua``) is guarded by a per-period set of refunded claim ids and the
 PostgreSQL side by the ``failed -> refunded`` transition, taken while the claim row is locked;
-a crash between the two is finished by the next sweep without a second refund.
+a crash between the two is finished by the next sweep without a second refund. While a
+benefit's counters are being recovered the refund waits (the claim stays ``failed`` and the
+next sweep refunds it), so recovery never races a refund.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
-from claim_service.errors import ConflictError, NotFoundError
+from claim_service.errors import BackendUnavailable, ConflictError, NotFoundError
 from claim_service.keyspace import PERIOD_KEY_TTL_S, BenefitKeys, Scripts
 from claim_service.lifecycle import ACCEPTED, FAILED, REFUNDED, transition
 from claim_service.metrics import REFUNDS
@@ -27,7 +29,7 @@ SWEEP_LIMIT = 200
 async def _locked_claim(conn: Any, claim_id: str) -> Any:
     return await conn.fetchrow(
         """SELECT c.claim_id, c.user_id, c.benefit_id, c.option_id, c.period, c.status,
-                  c.code_id, c.failure_reason, o.kind
+                  c.code_id, c.failure_reason, c.code_expiry_ms, o.kind
            FROM claims c LEFT JOIN benefit_options o
                 ON o.benefit_id = c.benefit_id AND o.option_id = c.option_id
            WHERE c.claim_id = $1 FOR UPDATE OF c""",
@@ -35,43 +37,57 @@ async def _locked_claim(conn: Any, claim_id: str) -> Any:
     )
 
 
+class _Recovering(Exception):
+    """The benefit's counters are being recovered: the refund must wait."""
+
+
 async def _refund_in_redis(redis: Redis, row: asyncpg.Record) -> bool:
+    """True when this call returned the unit, False when it had been returned before."""
     keys = BenefitKeys(row["benefit_id"])
-    period = row["period"]
     # The reserved code goes back to the pool unless there was none to reserve.
     give_code = (
         row["kind"] == "card_key"
         and row["code_id"] is None
         and (row["failure_reason"] != "no_code")
     )
-    done = await Scripts(redis).refund(
-        keys=[keys.stock(period), keys.used(period), keys.refunded(period), keys.codes],
-        args=[
-            row["claim_id"],
-            row["user_id"],
-            row["option_id"],
-            "1" if give_code else "0",
-            PERIOD_KEY_TTL_S,
-        ],
+    done = int(
+        await Scripts(redis).refund(
+            keys=keys.refund_keys(row["period"]),
+            args=[
+                row["claim_id"],
+                row["user_id"],
+                row["option_id"],
+                "1" if give_code else "0",
+                PERIOD_KEY_TTL_S,
+                row["code_expiry_ms"] or 0,
+            ],
+        )
     )
+    if done < 0:
+        raise _Recovering
     return bool(done)
 
 
 async def refund(pool: asyncpg.Pool, redis: Redis, claim_id: str) -> bool:
-    """Return a failed claim's unit and quota; True when this call did it."""
-    async with pool.acquire() as conn, conn.transaction():
-        row = await _locked_claim(conn, claim_id)
-        if row is None or row["status"] != FAILED:
-            return False
-        fresh = await _refund_in_redis(redis, row)
-        await transition(
-            conn,
-            claim_id,
-            REFUNDED,
-            "unit_and_quota_returned",
-            expect=(FAILED,),
-            detail={"redis": "refunded" if fresh else "already"},
-        )
+    """Return a failed claim's unit and quota; True when this call did it (False also while
+    the benefit is being recovered: the claim stays ``failed`` and a later sweep refunds it)."""
+    try:
+        async with pool.acquire() as conn, conn.transaction():
+            row = await _locked_claim(conn, claim_id)
+            if row is None or row["status"] != FAILED:
+                return False
+            fresh = await _refund_in_redis(redis, row)
+            await transition(
+                conn,
+                claim_id,
+                REFUNDED,
+                "unit_and_quota_returned",
+                expect=(FAILED,),
+                detail={"redis": "refunded" if fresh else "already"},
+            )
+    except _Recovering:
+        log.info("refund of claim %s waits for its benefit's recovery", claim_id)
+        return False
     REFUNDS.inc()
     log.info("claim %s refunded", claim_id)
     return True
@@ -141,5 +157,8 @@ async def ops_refund(pool: asyncpg.Pool, redis: Redis, claim_id: str) -> str:
         raise NotFoundError("unknown_claim", f"no claim {claim_id!r}")
     if status != FAILED:
         raise ConflictError("not_failed", f"the claim is {status}, not failed")
-    await refund(pool, redis, claim_id)
+    if not await refund(pool, redis, claim_id):
+        status = await pool.fetchval("SELECT status FROM claims WHERE claim_id = $1", claim_id)
+        if status != REFUNDED:
+            raise BackendUnavailable("the benefit's counters are being recovered; retry")
     return REFUNDED

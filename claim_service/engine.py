@@ -1,8 +1,10 @@
 """The claims engine: coalesces concurrent claims per benefit into one ``claim.lua`` call.
 
 Concurrent requests for the same benefit that arrive within one event-loop turn are decided
-by a single EVALSHA (up to ``batch_max`` each), so the Redis round trip is shared. The engine
-knows nothing of HTTP.
+by a single EVALSHA (up to ``batch_max`` each), so the Redis round trip is shared. Redis's
+clock decides: the engine proposes the period its own clock (corrected by what Redis last
+said the time was) points at, and ``claim.lua`` sends it back when Redis disagrees. A benefit
+Redis cannot vouch for (``unverified``) is recovered first. The engine knows nothing of HTTP.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ import asyncio
 import logging
 import secrets
 import time
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -25,6 +29,8 @@ from claim_service.config import Settings
 from claim_service.errors import BackendUnavailable, NotFoundError, ValidationError
 from claim_service.keyspace import (
     CATALOGUE_KEY,
+    CATALOGUE_LIVE_KEY,
+    CATALOGUE_NEGATIVE_MAX,
     CATALOGUE_NEGATIVE_TTL_S,
     PERIOD_KEY_TTL_S,
     STALE_RETRIES,
@@ -33,6 +39,7 @@ from claim_service.keyspace import (
     text,
     tiers_key,
 )
+from claim_service.recovery import Recovery, is_live
 
 log = logging.getLogger(__name__)
 
@@ -90,24 +97,50 @@ class _Pending:
     future: asyncio.Future[ClaimDecision]
 
 
-@dataclass
-class _CacheEntry:
-    benefit: Benefit | None
-    loaded_at: float = field(default_factory=time.monotonic)
+@dataclass(frozen=True)
+class Span:
+    """The period a batch is proposed for, its bounds and its release window (unix ms)."""
+
+    period: str
+    previous: str | None
+    start_ms: int
+    end_ms: int
+    opens: datetime
+    opens_ms: int
+    closes_ms: int
 
 
 class ClaimEngine:
-    """Decides claims; one instance per process, shared by every request handler."""
+    """Decides claims; one instance per process, shared by every request handler.
 
-    def __init__(self, redis: Redis, settings: Settings) -> None:
+    With ``pool`` the engine recovers a benefit Redis cannot vouch for by itself; without
+    it, such claims answer ``BackendUnavailable`` until something else (``warm``, another
+    process's ``Recovery.watch``) has.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        settings: Settings,
+        *,
+        pool: asyncpg.Pool | None = None,
+        calendar: periods.Calendar | None = None,
+    ) -> None:
         self.redis = redis
         self.settings = settings
         self.tz = settings.tz
+        self.calendar = calendar or periods.Calendar(settings.tz)
         self.scripts = Scripts(redis)
-        self._cache: dict[str, _CacheEntry] = {}
+        self.recovery = Recovery(pool, redis, settings, self.calendar) if pool else None
+        self._cache: dict[str, Benefit] = {}
+        # Unknown ids are remembered briefly and boundedly: hostile ids must not grow memory.
+        self._unknown: OrderedDict[str, float] = OrderedDict()
         self._loading: dict[str, asyncio.Future[Benefit | None]] = {}
         self._queues: dict[str, list[_Pending]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Redis's clock minus ours, learned from every batch: the period proposed for a
+        # claim is the one Redis's clock points at, not a drifting local one.
+        self.clock_offset_ms = 0
         self.batches = 0
         self.batched_claims = 0
 
@@ -115,11 +148,12 @@ class ClaimEngine:
 
     async def benefit(self, benefit_id: str, *, refresh: bool = False) -> Benefit | None:
         """The benefit as pushed to Redis, cached; ``claim.lua`` rejects stale copies."""
-        entry = self._cache.get(benefit_id)
-        if entry is not None and not refresh:
-            if entry.benefit is not None:
-                return entry.benefit
-            if time.monotonic() - entry.loaded_at < CATALOGUE_NEGATIVE_TTL_S:
+        if not refresh:
+            cached = self._cache.get(benefit_id)
+            if cached is not None:
+                return cached
+            seen = self._unknown.get(benefit_id)
+            if seen is not None and time.monotonic() - seen < CATALOGUE_NEGATIVE_TTL_S:
                 return None
         # Concurrent misses share one load instead of stampeding Redis.
         loading = self._loading.get(benefit_id)
@@ -130,17 +164,40 @@ class ClaimEngine:
         return await asyncio.shield(loading)
 
     async def _load(self, benefit_id: str) -> Benefit | None:
+        benefit = await self._read_config(benefit_id)
+        if benefit is None and not await self._catalogue_live():
+            # Redis may have lost the catalogue rather than never had this benefit.
+            if self.recovery is None:
+                raise BackendUnavailable("the catalogue is being recovered; retry")
+            if await self.recovery.ensure_benefit(benefit_id):
+                benefit = await self._read_config(benefit_id)
+        if benefit is None:
+            self._cache.pop(benefit_id, None)
+            self._unknown[benefit_id] = time.monotonic()
+            self._unknown.move_to_end(benefit_id)
+            while len(self._unknown) > CATALOGUE_NEGATIVE_MAX:
+                self._unknown.popitem(last=False)
+            return None
+        self._unknown.pop(benefit_id, None)
+        self._cache[benefit_id] = benefit
+        return benefit
+
+    async def _read_config(self, benefit_id: str) -> Benefit | None:
         try:
             raw, version = await self.redis.hmget(
                 BenefitKeys(benefit_id).config, ["json", "version"]
             )
         except RedisError as exc:
             raise BackendUnavailable("Redis is unavailable") from exc
-        benefit = None
-        if raw is not None and version is not None:
-            benefit = benefit_from_config(raw, int(version), self.tz)
-        self._cache[benefit_id] = _CacheEntry(benefit)
-        return benefit
+        if raw is None or version is None:
+            return None
+        return benefit_from_config(raw, int(version), self.tz)
+
+    async def _catalogue_live(self) -> bool:
+        try:
+            return await is_live(self.redis, CATALOGUE_LIVE_KEY)
+        except RedisError as exc:
+            raise BackendUnavailable("Redis is unavailable") from exc
 
     async def benefit_ids(self) -> list[str]:
         try:
@@ -152,10 +209,41 @@ class ClaimEngine:
     def window(self, benefit: Benefit, period: str) -> tuple[datetime, datetime | None]:
         return benefit.release.window(period, self.tz)
 
+    def now(self) -> datetime:
+        """Now on the release calendar, by Redis's clock as last seen."""
+        return periods.from_ms(self._redis_ms() + self.calendar.shift_ms, self.tz)
+
+    def _redis_ms(self) -> int:
+        return int(time.time() * 1000) + self.clock_offset_ms
+
+    def current_period(self, benefit: Benefit) -> str:
+        """The period a claim on ``benefit`` decided now counts against."""
+        return benefit.release.period_at(self.now(), self.tz)
+
+    def span(self, benefit: Benefit, redis_ms: int) -> Span:
+        """What ``claim.lua`` needs to decide for ``benefit`` at ``redis_ms``."""
+        if benefit.release.fixed_period:
+            period = benefit.release.period_at(self.now(), self.tz)
+            previous, start, end = None, 0, 0
+        else:
+            period = self.calendar.period_at(redis_ms)
+            previous = periods.previous_period(period)
+            start, end = self.calendar.bounds_ms(period)
+        opens, closes = self.window(benefit, period)
+        return Span(
+            period,
+            previous,
+            start,
+            end,
+            opens,
+            self.calendar.real_ms(opens),
+            self.calendar.real_ms(closes) if closes else 0,
+        )
+
     def next_opening(self, benefit: Benefit, now: datetime | None = None) -> datetime | None:
         """The next time claims open, or ``None`` when the release is over for good."""
-        now = now or datetime.now(self.tz)
-        period = periods.period_of(now, self.tz)
+        now = now or self.now()
+        period = benefit.release.period_at(now, self.tz)
         opens, closes = self.window(benefit, period)
         if now < opens:
             return opens
@@ -218,39 +306,58 @@ class ClaimEngine:
 
     async def _decide(self, benefit_id: str, batch: list[_Pending]) -> list[ClaimDecision]:
         keys = BenefitKeys(benefit_id)
-        for _attempt in range(STALE_RETRIES + 1):
+        redis_ms = self._redis_ms()
+        recovered = False
+        for _attempt in range(STALE_RETRIES + 3):
             benefit = await self.benefit(benefit_id)
             if benefit is None:
                 raise NotFoundError("unknown_benefit", f"no benefit {benefit_id!r}")
-            period = periods.current_period(self.tz)
-            opens, closes = self.window(benefit, period)
+            span = self.span(benefit, redis_ms)
             argv: list[Any] = [
                 benefit.version,
-                period,
-                periods.to_ms(opens),
-                periods.to_ms(closes) if closes else 0,
+                span.period,
+                span.start_ms,
+                span.end_ms,
+                span.opens_ms,
+                span.closes_ms,
                 PERIOD_KEY_TTL_S,
                 len(batch),
             ]
             for item in batch:
                 req = item.request
                 argv += [req.user_id, req.request_id, item.option_id, item.claim_id, req.account]
+            sent_at = time.time()
             try:
-                raw = await self.scripts.claim(keys=keys.claim_keys(period), args=argv)
+                raw = await self.scripts.claim(
+                    keys=keys.claim_keys(span.period, span.previous), args=argv
+                )
             except RedisError as exc:
                 raise BackendUnavailable("Redis is unavailable") from exc
             self.batches += 1
             self.batched_claims += len(batch)
             head = text(raw[0])
+            if head == "unverified":
+                if self.recovery is None or recovered:
+                    raise BackendUnavailable("the benefit's counters are being recovered; retry")
+                recovered = True
+                if not await self.recovery.ensure_benefit(benefit_id):
+                    self._cache.pop(benefit_id, None)
+                    raise NotFoundError("unknown_benefit", f"no benefit {benefit_id!r}")
+                await self.benefit(benefit_id, refresh=True)
+                continue
             if head == "missing":
                 self._cache.pop(benefit_id, None)
                 raise NotFoundError("unknown_benefit", f"no benefit {benefit_id!r}")
             if head == "stale":
                 await self.benefit(benefit_id, refresh=True)
                 continue
+            redis_ms = int(raw[1])
+            self.clock_offset_ms = redis_ms - int((sent_at + time.time()) * 500)
+            if head == "period":  # our clock and Redis's disagree on the period: Redis wins
+                continue
             width = RESULT_WIDTH
             decisions = [
-                self._decision(benefit, period, opens, raw[i * width : (i + 1) * width])
+                self._decision(benefit, span, raw[2 + i * width : 2 + (i + 1) * width])
                 for i in range(len(batch))
             ]
             metrics.CLAIM_BATCH_SIZE.set(len(batch))
@@ -259,22 +366,20 @@ class ClaimEngine:
             return decisions
         raise BackendUnavailable("benefit configuration kept changing; retry")
 
-    def _decision(
-        self, benefit: Benefit, period: str, opens: datetime, row: list[Any]
-    ) -> ClaimDecision:
+    def _decision(self, benefit: Benefit, span: Span, row: list[Any]) -> ClaimDecision:
         code, claim_id, option_id = text(row[0]), text(row[1]), text(row[2])
         stock_left, tier, extra = int(row[3]), int(row[4]), int(row[5])
         created = periods.from_ms(extra, self.tz) if code in ACCEPTED else None
         opens_at = None
         if code == "not_open":
-            opens_at = opens
+            opens_at = span.opens
         elif code == "closed":
             opens_at = self.next_opening(benefit)
         return ClaimDecision(
             code=code,
             benefit_id=benefit.benefit_id,
             option_id=option_id,
-            period=period,
+            period=span.period,
             stock_left=max(stock_left, 0),
             tier=tier,
             claim_id=claim_id or None,
@@ -293,33 +398,38 @@ class ClaimEngine:
 
     async def member_catalogue(self, user_id: str) -> list[dict[str, Any]]:
         """Every benefit as the member sees it now: eligibility, quota, stock, opening."""
-        period = periods.current_period(self.tz)
-        now = datetime.now(self.tz)
+        now = self.now()
         ids = await self.benefit_ids()
+        benefits: list[Benefit] = []
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.hget(tiers_key(period), user_id)
                 for bid in ids:
-                    keys = BenefitKeys(bid)
-                    pipe.hget(keys.config, "version")
+                    pipe.hget(BenefitKeys(bid).config, "version")
+                versions = await pipe.execute()
+            for bid, version in zip(ids, versions, strict=True):
+                if version is None:
+                    continue
+                # The parsed benefit is reused while its version stands: no JSON per request.
+                benefit = self._cache.get(bid)
+                if benefit is None or benefit.version != int(version):
+                    benefit = await self.benefit(bid, refresh=True)
+                if benefit is not None:
+                    benefits.append(benefit)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for benefit in benefits:
+                    period = benefit.release.period_at(now, self.tz)
+                    keys = BenefitKeys(benefit.benefit_id)
+                    pipe.hget(tiers_key(period), user_id)
                     pipe.hmget(keys.stock(period), ["added", "taken"])
                     pipe.hget(keys.used(period), user_id)
                 results = await pipe.execute()
         except RedisError as exc:
             raise BackendUnavailable("Redis is unavailable") from exc
-        tier = int(results[0]) if results[0] is not None else 0
         views = []
-        for i, bid in enumerate(ids):
-            version, (added, taken), used = results[1 + 3 * i : 4 + 3 * i]
-            if version is None:
-                continue
-            # The parsed benefit is reused while its version stands: no JSON per request.
-            cached = self._cache.get(bid)
-            benefit = cached.benefit if cached else None
-            if benefit is None or benefit.version != int(version):
-                benefit = await self.benefit(bid, refresh=True)
-                if benefit is None:
-                    continue
+        for i, benefit in enumerate(benefits):
+            tier_raw, (added, taken), used = results[3 * i : 3 * i + 3]
+            tier = int(tier_raw) if tier_raw is not None else 0
+            period = benefit.release.period_at(now, self.tz)
             stock_left = benefit.stock_per_period + int(added or 0) - int(taken or 0)
             views.append(self._view(benefit, period, now, tier, int(used or 0), max(stock_left, 0)))
         return views

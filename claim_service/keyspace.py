@@ -3,6 +3,11 @@
 All keys of one benefit carry the hash tag ``{b:<benefit_id>}`` so that, on a Redis Cluster,
 they share one hash slot and one Lua call can touch them all. The tier snapshot is shared by
 all benefits and is therefore the one key outside that slot (see ``tiers``).
+
+A benefit's counters are trusted only while its ``live`` marker holds the ``run_id`` of the
+Redis server process answering: a restarted, replaced or promoted server has another run id,
+so ``claim.lua`` and ``refund.lua`` refuse to touch the counters until ``recovery`` has
+rebuilt them from PostgreSQL and the stream and marked the benefit live again.
 """
 
 from __future__ import annotations
@@ -16,11 +21,15 @@ from redis.commands.core import AsyncScript
 
 PREFIX = "claim"
 CATALOGUE_KEY = f"{PREFIX}:benefits"  # set of benefit ids pushed to Redis
+CATALOGUE_LIVE_KEY = f"{PREFIX}:benefits:live"  # run id once every benefit was recovered
 WRITER_GROUP = "writers"
 # Per-period keys outlive their month so late retries and reports still find them, then
 # expire; PostgreSQL keeps the permanent record.
 PERIOD_KEY_TTL_S = 100 * 24 * 3600
 CATALOGUE_NEGATIVE_TTL_S = 1.0
+CATALOGUE_NEGATIVE_MAX = 1024  # unknown benefit ids remembered at most (LRU)
+RECOVERY_LOCK_S = 120.0
+RECOVERY_WAIT_S = 10.0
 REDIS_SOCKET_TIMEOUT_S = 5.0
 REDIS_CONNECT_RETRIES = 20
 STALE_RETRIES = 2
@@ -34,6 +43,21 @@ def text(value: object) -> str:
 
 def tiers_key(period: str) -> str:
     return f"{PREFIX}:tiers:{period}"
+
+
+def tiers_live_key(period: str) -> str:
+    return f"{PREFIX}:tiers:{period}:live"
+
+
+def idem_field(user_id: str, request_id: str) -> str:
+    """The idempotency hash field of a member's request. The length prefix (in UTF-8 bytes,
+    which is what Lua's ``#`` counts) keeps ``("ab", "c")`` apart from ``("a", "bc")``."""
+    return f"{len(user_id.encode())}:{user_id}{request_id}"
+
+
+def code_bucket(option_id: str, expiry_ms: int) -> str:
+    """The field of a card-key option's free codes expiring at ``expiry_ms`` (0: never)."""
+    return option_id if expiry_ms == 0 else f"{option_id}|{expiry_ms}"
 
 
 @dataclass(frozen=True)
@@ -60,7 +84,21 @@ class BenefitKeys:
 
     @property
     def codes(self) -> str:
+        """Free codes per card-key option and expiry bucket (see ``code_bucket``)."""
         return f"{PREFIX}:{self.tag}:codes"
+
+    @property
+    def code_expiries(self) -> str:
+        """Sorted set of the expiring buckets in ``codes``, scored by expiry (unix ms)."""
+        return f"{PREFIX}:{self.tag}:codexp"
+
+    @property
+    def live(self) -> str:
+        return f"{PREFIX}:{self.tag}:live"
+
+    @property
+    def recovery_lock(self) -> str:
+        return f"{PREFIX}:{self.tag}:recovering"
 
     def refunded(self, period: str) -> str:
         return f"{PREFIX}:{self.tag}:refunded:{period}"
@@ -74,8 +112,9 @@ class BenefitKeys:
     def idempotency(self, period: str) -> str:
         return f"{PREFIX}:{self.tag}:idem:{period}"
 
-    def claim_keys(self, period: str) -> list[str]:
-        """KEYS for ``claim.lua``, in the order the script expects."""
+    def claim_keys(self, period: str, previous: str | None) -> list[str]:
+        """KEYS for ``claim.lua``, in the order the script expects. ``previous`` is the period
+        whose idempotency keys a retry may still match (none for a one-off release)."""
         return [
             self.config,
             self.stock(period),
@@ -85,6 +124,20 @@ class BenefitKeys:
             tiers_key(period),
             self.pending,
             self.codes,
+            self.code_expiries,
+            self.live,
+            self.idempotency(previous or period),
+        ]
+
+    def refund_keys(self, period: str) -> list[str]:
+        """KEYS for ``refund.lua``."""
+        return [
+            self.stock(period),
+            self.used(period),
+            self.refunded(period),
+            self.codes,
+            self.code_expiries,
+            self.live,
         ]
 
 
@@ -118,3 +171,5 @@ class Scripts:
         self.restore: AsyncScript = client.register_script(lua_source("restore"))
         self.push_config: AsyncScript = client.register_script(lua_source("push_config"))
         self.refund: AsyncScript = client.register_script(lua_source("refund"))
+        self.live: AsyncScript = client.register_script(lua_source("live"))
+        self.codes: AsyncScript = client.register_script(lua_source("codes"))

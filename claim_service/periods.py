@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import time
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -37,6 +39,11 @@ def next_period(period: str) -> str:
     return f"{year + month // 12:04d}-{month % 12 + 1:02d}"
 
 
+def previous_period(period: str) -> str:
+    year, month = parse_period(period)
+    return f"{year - 1:04d}-12" if month == 1 else f"{year:04d}-{month - 1:02d}"
+
+
 def days_in_period(period: str) -> int:
     year, month = parse_period(period)
     start = datetime(year, month, 1)
@@ -52,9 +59,38 @@ def from_ms(ms: int, tz: ZoneInfo) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz)
 
 
-def local_day_time(period: str, day: int, minute_of_day: int, tz: ZoneInfo) -> datetime:
-    """Day ``day`` (clamped to the month's length) at ``minute_of_day`` local time."""
+def local_day_time(period: str, day: int, second_of_day: int, tz: ZoneInfo) -> datetime:
+    """Day ``day`` (clamped to the month's length) at ``second_of_day`` local time."""
     year, month = parse_period(period)
     day = min(day, days_in_period(period))
-    naive = datetime(year, month, day) + timedelta(minutes=minute_of_day)
+    naive = datetime(year, month, day) + timedelta(seconds=second_of_day)
     return naive.replace(tzinfo=tz)
+
+
+@dataclass(frozen=True)
+class Calendar:
+    """Where the monthly periods fall on the servers' clock.
+
+    The decision itself is taken by Redis's clock inside ``claim.lua``; the calendar only
+    turns its instants into periods and bounds. ``shift_ms`` moves the calendar relative to
+    that clock, so a test can stand a second before a month end without waiting for one.
+    """
+
+    tz: ZoneInfo
+    shift_ms: int = 0
+
+    def period_at(self, ms: int) -> str:
+        return period_of(from_ms(ms + self.shift_ms, self.tz), self.tz)
+
+    def bounds_ms(self, period: str) -> tuple[int, int]:
+        """``[start, end)`` of ``period`` on the servers' clock, in unix ms."""
+        start = to_ms(period_start(period, self.tz))
+        end = to_ms(period_start(next_period(period), self.tz))
+        return start - self.shift_ms, end - self.shift_ms
+
+    def real_ms(self, moment: datetime) -> int:
+        """A calendar instant on the servers' clock."""
+        return to_ms(moment) - self.shift_ms
+
+    def now(self) -> datetime:
+        return from_ms(int(time.time() * 1000) + self.shift_ms, self.tz)

@@ -2,17 +2,20 @@
 
 A code row carries the claim it went to (``claim_id`` is UNIQUE), and codes are taken with
 ``FOR UPDATE SKIP LOCKED``, so no code can reach two claims, also under concurrency and
-crashes. Loading codes raises the option's free-code counter in Redis, which ``claim.lua``
-checks, so a card-key option never accepts more claims than it has codes.
+crashes. Loading codes raises the option's free-code counts in Redis, one per expiry bucket,
+which ``claim.lua`` checks (first expiring first out, expired buckets dropped), so a card-key
+option never accepts more claims than it has unexpired codes. Codes are assigned in the same
+order (soonest expiry first).
 """
 
 from __future__ import annotations
 
 import csv
 import logging
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -23,13 +26,22 @@ from redis.exceptions import RedisError
 
 from claim_service import metrics
 from claim_service.errors import BackendUnavailable, NotFoundError, ValidationError
-from claim_service.keyspace import BenefitKeys
+from claim_service.keyspace import BenefitKeys, Scripts, code_bucket
+from claim_service.recovery import benefit_lock
 from claim_service.vault import Vault, code_context
 
 log = logging.getLogger(__name__)
 
 CHUNK = 5_000
 MAX_CODE = 256
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def expiry_ms(expires_at: datetime | None) -> int:
+    """A code's expiry as its bucket in Redis: unix ms, 0 for never."""
+    if expires_at is None:
+        return 0
+    return (expires_at - EPOCH) // timedelta(milliseconds=1)
 
 
 @dataclass(frozen=True)
@@ -63,6 +75,8 @@ def check_code_row(code: Any, secret: Any, expires_at: Any, tz: ZoneInfo) -> Cod
             ) from exc
         if expiry.tzinfo is None:
             expiry = expiry.replace(tzinfo=tz)
+        # Whole milliseconds: the expiry is also a bucket name in Redis.
+        expiry = expiry.replace(microsecond=expiry.microsecond // 1000 * 1000)
     return CodeRow(code.strip(), secret or None, expiry)
 
 
@@ -102,7 +116,8 @@ async def load_codes(
     rows: Iterable[CodeRow],
 ) -> LoadReport:
     """Encrypt and store codes (a code already loaded for the option is skipped), then raise
-    the option's free-code counter by the number of new, unexpired codes."""
+    the option's free-code counts by the new, unexpired codes. Each chunk holds the benefit's
+    recovery lock, so a recovery counts it exactly once (before or after, never both)."""
     await _card_key_option(pool, benefit_id, option_id)
     context = code_context(benefit_id, option_id)
     report = LoadReport()
@@ -120,30 +135,42 @@ async def load_codes(
             seen.add(digest)
             secret = vault.seal(row.secret, context + ":secret") if row.secret else None
             sealed.append((vault.seal(row.code, context), secret, digest, row.expires_at))
-        inserted = await pool.fetch(
-            """INSERT INTO voucher_codes (benefit_id, option_id, code_enc, secret_enc,
-                                          code_hash, expires_at)
-               SELECT $1, $2, c, s, h, e
-               FROM unnest($3::bytea[], $4::bytea[], $5::bytea[], $6::timestamptz[])
-                    AS x(c, s, h, e)
-               ON CONFLICT (benefit_id, option_id, code_hash) DO NOTHING
-               RETURNING expires_at""",
-            benefit_id,
-            option_id,
-            [s[0] for s in sealed],
-            [s[1] for s in sealed],
-            [s[2] for s in sealed],
-            [s[3] for s in sealed],
-        )
-        usable = sum(1 for r in inserted if r["expires_at"] is None or r["expires_at"] > now)
+        try:
+            async with benefit_lock(redis, benefit_id):
+                inserted = await pool.fetch(
+                    """INSERT INTO voucher_codes (benefit_id, option_id, code_enc, secret_enc,
+                                                  code_hash, expires_at)
+                       SELECT $1, $2, c, s, h, e
+                       FROM unnest($3::bytea[], $4::bytea[], $5::bytea[], $6::timestamptz[])
+                            AS x(c, s, h, e)
+                       ON CONFLICT (benefit_id, option_id, code_hash) DO NOTHING
+                       RETURNING expires_at""",
+                    benefit_id,
+                    option_id,
+                    [s[0] for s in sealed],
+                    [s[1] for s in sealed],
+                    [s[2] for s in sealed],
+                    [s[3] for s in sealed],
+                )
+                buckets = Counter(
+                    expiry_ms(r["expires_at"])
+                    for r in inserted
+                    if r["expires_at"] is None or r["expires_at"] > now
+                )
+                argv: list[Any] = ["add"]
+                for expiry, count in buckets.items():
+                    argv += [code_bucket(option_id, expiry), count, expiry]
+                keys = BenefitKeys(benefit_id)
+                if buckets:  # -1: not live; recovery will count these from PostgreSQL
+                    await Scripts(redis).codes(
+                        keys=[keys.codes, keys.code_expiries, keys.live], args=argv
+                    )
+        except RedisError as exc:
+            raise BackendUnavailable("codes stored; Redis not updated, run `warm`") from exc
+        usable = sum(buckets.values())
         report.loaded += len(inserted)
         report.expired += len(inserted) - usable
         report.duplicates += len(sealed) - len(inserted)
-        if usable:
-            try:
-                await redis.hincrby(BenefitKeys(benefit_id).codes, option_id, usable)
-            except RedisError as exc:
-                raise BackendUnavailable("codes stored; Redis not updated, run `warm`") from exc
         chunk.clear()
 
     for row in rows:
@@ -175,7 +202,7 @@ async def assign_code(conn: Any, claim_id: str, benefit_id: str, option_id: str)
                SELECT code_id FROM voucher_codes
                WHERE benefit_id = $2 AND option_id = $3 AND claim_id IS NULL
                  AND (expires_at IS NULL OR expires_at > now())
-               ORDER BY code_id LIMIT 1 FOR UPDATE SKIP LOCKED)
+               ORDER BY expires_at NULLS LAST, code_id LIMIT 1 FOR UPDATE SKIP LOCKED)
            RETURNING code_id""",
         claim_id,
         benefit_id,
@@ -214,19 +241,6 @@ async def pool_levels(pool: asyncpg.Pool, benefit_id: str | None = None) -> list
         benefit_id,
     )
     return [dict(r) for r in rows]
-
-
-async def reserved_without_code(pool: asyncpg.Pool, benefit_id: str, option_id: str) -> int:
-    """Claims of a card-key option waiting for their code (they hold a unit of the pool)."""
-    return int(
-        await pool.fetchval(
-            """SELECT count(*) FROM claims c
-               WHERE c.benefit_id = $1 AND c.option_id = $2
-                 AND c.status IN ('accepted', 'fulfilling') AND c.code_id IS NULL""",
-            benefit_id,
-            option_id,
-        )
-    )
 
 
 async def publish_pool_levels(pool: asyncpg.Pool, low_watermark: int) -> list[dict[str, Any]]:

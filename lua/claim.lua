@@ -1,26 +1,39 @@
 -- claim.lua: decide a batch of claims on one benefit for one period, atomically.
 --
--- KEYS[1] cfg     hash  version, paused, min_tier, stock, quota ("tier:n,tier:n"), benefit_id,
---                       opt:<option_id> = per-period cap of the option (-1: none)
--- KEYS[2] stock   hash  added (ops top-ups), taken, taken:<option_id>     (this period)
--- KEYS[3] used    hash  <user_id> = claims taken by the member             (this period)
--- KEYS[4] idem    hash  <len>:<user_id><request_id> = "claim_id|option_id|tier|created_ms"
--- KEYS[5] stream  the durable hand-off read by the writer's consumer group
--- KEYS[6] tiers   hash  <user_id> = tier for this period (missing: tier 0)
--- KEYS[7] pending hash  <claim_id> = stream entry id, until the writer has persisted it
--- KEYS[8] codes   hash  <option_id> = redemption codes still free for card-key options
---                       (an option marked card:<option_id> in cfg needs one per claim)
+-- KEYS[1]  cfg     hash  version, paused, min_tier, stock, quota ("tier:n,tier:n"), benefit_id,
+--                        opt:<option_id> = per-period cap of the option (-1: none),
+--                        card:<option_id> present for card-key options
+-- KEYS[2]  stock   hash  added (ops top-ups), taken, taken:<option_id>, accepted (this period;
+--                        accepted counts every acceptance and is never given back)
+-- KEYS[3]  used    hash  <user_id> = claims taken by the member             (this period)
+-- KEYS[4]  idem    hash  <len>:<user_id><request_id> = "claim_id|option_id|tier|created_ms"
+-- KEYS[5]  stream  the durable hand-off read by the writer's consumer group
+-- KEYS[6]  tiers   hash  <user_id> = tier for this period (missing: tier 0)
+-- KEYS[7]  pending hash  <claim_id> = stream entry id, until the writer has persisted it
+-- KEYS[8]  codes   hash  free redemption codes of card-key options: <option_id> = codes that
+--                        never expire, <option_id>|<expiry_ms> = codes expiring then
+-- KEYS[9]  codexp  zset  <option_id>|<expiry_ms> scored by expiry_ms
+-- KEYS[10] live    the run id of the server whose counters recovery verified
+-- KEYS[11] idem of the previous period (a retry across a period boundary), or KEYS[4]
 --
 -- ARGV[1] config version the caller's copy of the benefit was built from
--- ARGV[2] period "YYYY-MM"   ARGV[3] opens_at ms   ARGV[4] closes_at ms (0: none)
--- ARGV[5] ttl of the per-period keys in seconds   ARGV[6] n = number of claims
+-- ARGV[2] period "YYYY-MM"   ARGV[3], ARGV[4] the period's bounds in unix ms [start, end)
+--         (0, 0: a one-off release, one period for its whole window)
+-- ARGV[5] opens_at ms   ARGV[6] closes_at ms (0: none)
+-- ARGV[7] ttl of the per-period keys in seconds   ARGV[8] n = number of claims
 -- then n groups of 5: user_id, request_id, option_id, new claim_id, account
 --
--- Returns {"missing"} or {"stale", version} for the whole batch, otherwise 6 values per
--- claim: code, claim_id, option_id, stock_left, tier, extra, where code is one of
--- ok | dup | paused | not_open | closed | unknown_option | tier | quota | sold_out |
--- option_sold_out, and extra is created_ms for ok/dup and the member's used count for quota.
+-- The server's own clock (TIME) decides: the period, the window and created_at.
+-- Returns {"unverified"}, {"missing"}, {"stale", version} or {"period", now_ms} for the whole
+-- batch, otherwise {"decided", now_ms} followed by 6 values per claim: code, claim_id,
+-- option_id, stock_left, tier, extra, where code is one of ok | dup | paused | not_open |
+-- closed | unknown_option | tier | quota | sold_out | option_sold_out, and extra is
+-- created_ms for ok/dup and the member's used count for quota.
 
+local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+if redis.call('GET', KEYS[10]) ~= run_id then
+  return {'unverified'}
+end
 local cfg = redis.call('HMGET', KEYS[1], 'version', 'paused', 'min_tier', 'stock', 'quota',
   'benefit_id')
 if not cfg[1] then
@@ -28,6 +41,14 @@ if not cfg[1] then
 end
 if cfg[1] ~= ARGV[1] then
   return {'stale', cfg[1]}
+end
+
+local clock = redis.call('TIME')
+local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local period_start = tonumber(ARGV[3])
+local period_end = tonumber(ARGV[4])
+if period_end > 0 and (now_ms < period_start or now_ms >= period_end) then
+  return {'period', now_ms}
 end
 
 local paused = cfg[2] == '1'
@@ -40,13 +61,10 @@ end
 local benefit_id = cfg[6]
 
 local period = ARGV[2]
-local opens_ms = tonumber(ARGV[3])
-local closes_ms = tonumber(ARGV[4])
-local ttl = tonumber(ARGV[5])
-local n = tonumber(ARGV[6])
-
-local clock = redis.call('TIME')
-local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local opens_ms = tonumber(ARGV[5])
+local closes_ms = tonumber(ARGV[6])
+local ttl = tonumber(ARGV[7])
+local n = tonumber(ARGV[8])
 
 local counters = redis.call('HMGET', KEYS[2], 'added', 'taken')
 local added = tonumber(counters[1] or '0')
@@ -62,14 +80,60 @@ local function quota_for(tier)
   return allowed
 end
 
+-- Card-key codes, first expiring first out. Buckets that have expired are dropped, so an
+-- expired pool answers sold_out up front instead of accepting claims it cannot deliver.
+local buckets = nil
+local bucket_counts = {}
+local function load_buckets()
+  local expired = redis.call('ZRANGEBYSCORE', KEYS[9], '-inf', now_ms)
+  for _, member in ipairs(expired) do
+    redis.call('HDEL', KEYS[8], member)
+  end
+  if #expired > 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[9], '-inf', now_ms)
+  end
+  buckets = redis.call('ZRANGEBYSCORE', KEYS[9], '(' .. now_ms, '+inf')
+end
+local function bucket_count(field)
+  local count = bucket_counts[field]
+  if count == nil then
+    count = tonumber(redis.call('HGET', KEYS[8], field) or '0')
+    bucket_counts[field] = count
+  end
+  return count
+end
+-- The field a claim of option_id would take a code from, and its expiry (0: never), or nil.
+local function find_code(option_id)
+  if buckets == nil then
+    load_buckets()
+  end
+  local prefix = option_id .. '|'
+  for _, member in ipairs(buckets) do
+    if string.sub(member, 1, #prefix) == prefix and bucket_count(member) > 0 then
+      return member, tonumber(string.sub(member, #prefix + 1))
+    end
+  end
+  if bucket_count(option_id) > 0 then
+    return option_id, 0
+  end
+  return nil, nil
+end
+local function take_code(field, expiry)
+  bucket_counts[field] = bucket_counts[field] - 1
+  if redis.call('HINCRBY', KEYS[8], field, -1) <= 0 and expiry > 0 then
+    redis.call('HDEL', KEYS[8], field)
+    redis.call('ZREM', KEYS[9], field)
+  end
+end
+
 local option_caps = {}
 local option_taken = {}
-local option_codes = {}
-local out = {}
+local option_card = {}
+local out = {'decided', now_ms}
 local accepted = 0
 
 for i = 0, n - 1 do
-  local base = 7 + i * 5
+  local base = 9 + i * 5
   local user = ARGV[base]
   local request_id = ARGV[base + 1]
   local option_id = ARGV[base + 2]
@@ -78,6 +142,9 @@ for i = 0, n - 1 do
   local idem_field = #user .. ':' .. user .. request_id
   local left = stock + added - taken
   local prior = redis.call('HGET', KEYS[4], idem_field)
+  if not prior and KEYS[11] ~= KEYS[4] then
+    prior = redis.call('HGET', KEYS[11], idem_field)
+  end
   local code, extra, tier = nil, 0, 0
 
   if prior then
@@ -98,9 +165,7 @@ for i = 0, n - 1 do
         option_caps[option_id] = cap
         option_taken[option_id] = tonumber(redis.call('HGET', KEYS[2], 'taken:' .. option_id)
           or '0')
-        if redis.call('HEXISTS', KEYS[1], 'card:' .. option_id) == 1 then
-          option_codes[option_id] = tonumber(redis.call('HGET', KEYS[8], option_id) or '0')
-        end
+        option_card[option_id] = redis.call('HEXISTS', KEYS[1], 'card:' .. option_id) == 1
       end
     end
     tier = tonumber(redis.call('HGET', KEYS[6], user) or '0')
@@ -110,30 +175,37 @@ for i = 0, n - 1 do
       code = 'tier'
     else
       local used = tonumber(redis.call('HGET', KEYS[3], user) or '0')
+      local code_field, code_expiry = nil, ''
       if used >= quota_for(tier) then
         code, extra = 'quota', used
       elseif left <= 0 then
         code = 'sold_out'
       elseif cap >= 0 and option_taken[option_id] >= cap then
         code = 'option_sold_out'
-      elseif option_codes[option_id] ~= nil and option_codes[option_id] <= 0 then
-        code = 'option_sold_out'
-      else
+      elseif option_card[option_id] then
+        code_field, code_expiry = find_code(option_id)
+        if code_field == nil then
+          code = 'option_sold_out'
+        end
+      end
+      if code == nil then
+        if code_field ~= nil then
+          take_code(code_field, code_expiry)
+        else
+          code_expiry = ''
+        end
         taken = taken + 1
         left = left - 1
         option_taken[option_id] = option_taken[option_id] + 1
-        if option_codes[option_id] ~= nil then
-          option_codes[option_id] = option_codes[option_id] - 1
-          redis.call('HINCRBY', KEYS[8], option_id, -1)
-        end
         redis.call('HINCRBY', KEYS[2], 'taken', 1)
         redis.call('HINCRBY', KEYS[2], 'taken:' .. option_id, 1)
+        redis.call('HINCRBY', KEYS[2], 'accepted', 1)
         redis.call('HINCRBY', KEYS[3], user, 1)
         redis.call('HSET', KEYS[4], idem_field,
           claim_id .. '|' .. option_id .. '|' .. tier .. '|' .. now_ms)
         local entry = redis.call('XADD', KEYS[5], '*', 'c', claim_id, 'r', request_id,
           'u', user, 'b', benefit_id, 'o', option_id, 'p', period, 't', tier, 'a', account,
-          'ts', now_ms)
+          'ts', now_ms, 'x', code_expiry)
         redis.call('HSET', KEYS[7], claim_id, entry)
         accepted = accepted + 1
         code, extra = 'ok', now_ms

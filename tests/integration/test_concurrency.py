@@ -79,7 +79,7 @@ async def test_engines_in_separate_clients_share_stock_exactly(
     assert settings.redis_url
     clients = [await create_redis(settings.redis_url) for _ in range(4)]
     try:
-        engines = [ClaimEngine(c, settings) for c in clients]
+        engines = [ClaimEngine(c, settings, pool=pool) for c in clients]
         requests = [
             ClaimRequest("video", f"u{i % 200}", f"r{i}", "iqiyi" if i % 2 else "tencent")
             for i in range(1200)

@@ -12,6 +12,7 @@ from claim_service.catalogue import parse_benefit
 from claim_service.config import Settings
 from claim_service.engine import ClaimEngine, ClaimRequest
 from claim_service.keyspace import BenefitKeys
+from claim_service.recovery import Recovery
 from claim_service.tiers import save_tiers
 from claim_service.writer import ClaimWriter
 from tests.integration.test_writer import drain, fast
@@ -25,7 +26,7 @@ async def test_warm_after_redis_data_loss(
     await catalogue_store.push_benefit(redis, await catalogue_store.save_benefit(pool, benefit))
     await catalogue_store.add_stock(pool, redis, "video", period, 5, "extra batch")
     await save_tiers(pool, redis, period, [(f"u{i}", 5) for i in range(20)] + [("low", 2)])
-    engine = ClaimEngine(redis, settings)
+    engine = ClaimEngine(redis, settings, pool=pool)
     first = await asyncio.gather(
         *(engine.claim(ClaimRequest("video", f"u{i}", "r1", "iqiyi")) for i in range(6))
     )
@@ -34,10 +35,10 @@ async def test_warm_after_redis_data_loss(
     assert await pool.fetchval("SELECT count(*) FROM claims") == 6
 
     await redis.flushall()  # Redis came back empty
-    report = await catalogue_store.warm(pool, redis, settings.tz, [period])
-    assert report.benefits_pushed == 1 and report.tiers_loaded == 21
+    report = await Recovery(pool, redis, settings).ensure_all(force=True, tier_periods=[period])
+    assert report.benefits == 1 and report.tiers == 21
 
-    engine = ClaimEngine(redis, settings)
+    engine = ClaimEngine(redis, settings, pool=pool)
     replay = await engine.claim(ClaimRequest("video", "u0", "r1", "iqiyi"))
     assert replay.code == "dup" and replay.claim_id == first[0].claim_id
     again = await engine.claim(ClaimRequest("video", "u0", "r2", "iqiyi"))
@@ -59,11 +60,11 @@ async def test_warm_never_lowers_live_counters(
     benefit = parse_benefit("video", _body(stock=10), settings.tz)
     await catalogue_store.push_benefit(redis, await catalogue_store.save_benefit(pool, benefit))
     await save_tiers(pool, redis, period, [(f"u{i}", 5) for i in range(5)])
-    engine = ClaimEngine(redis, settings)
+    engine = ClaimEngine(redis, settings, pool=pool)
     for i in range(4):
         assert (await engine.claim(ClaimRequest("video", f"u{i}", "r", "iqiyi"))).accepted
     # Nothing written to PostgreSQL yet; warming must keep Redis's higher counts.
-    await catalogue_store.warm(pool, redis, settings.tz, [period])
+    await Recovery(pool, redis, settings).ensure_all(force=True, tier_periods=[period])
     decision = await engine.claim(ClaimRequest("video", "u4", "r", "iqiyi"))
     assert decision.stock_left == 10 - 5
     assert (await engine.claim(ClaimRequest("video", "u0", "x", "iqiyi"))).code == "quota"
@@ -87,7 +88,9 @@ async def test_serve_warms_an_empty_redis_on_start_up(
     benefit = parse_benefit("video", _body(stock=3), settings.tz)
     await catalogue_store.push_benefit(redis, await catalogue_store.save_benefit(pool, benefit))
     await save_tiers(pool, redis, period, [("u1", 5), ("u2", 5)])
-    first = await ClaimEngine(redis, settings).claim(ClaimRequest("video", "u1", "r", "iqiyi"))
+    first = await ClaimEngine(redis, settings, pool=pool).claim(
+        ClaimRequest("video", "u1", "r", "iqiyi")
+    )
     await drain(ClaimWriter(redis, pool, fast(settings)))
     await redis.flushall()
 

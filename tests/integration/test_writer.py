@@ -26,7 +26,7 @@ async def make_claims(
     await catalogue_store.push_benefit(redis, benefit)
     period = periods.current_period(settings.tz)
     await save_tiers(pool, redis, period, [(f"m{i}", 5) for i in range(n)])
-    engine = ClaimEngine(redis, settings)
+    engine = ClaimEngine(redis, settings, pool=pool)
     decisions = await asyncio.gather(
         *(engine.claim(ClaimRequest("video", f"m{i}", "r", "iqiyi")) for i in range(n))
     )

@@ -15,6 +15,7 @@ from claim_service.auth import TokenVerifier
 from claim_service.catalogue import parse_benefit
 from claim_service.config import Settings
 from claim_service.keyspace import BenefitKeys, tiers_key
+from claim_service.recovery import Recovery
 from tests.conftest import benefit_body
 
 
@@ -68,7 +69,13 @@ async def test_load_codes_migrate_warm_and_token(
     done = cli(settings, "load-codes", "video", "youku", str(codes))
     assert done.returncode == 0, done.stderr
     assert "loaded 301 code(s)" in done.stdout and "300 free" in done.stdout
+    # Counted in Redis when the benefit is (made) live, before it takes a claim.
+    await Recovery(pool, redis, settings).ensure_benefit("video")
     assert await redis.hget(BenefitKeys("video").codes, "youku") == b"300"
+    more = tmp_path / "more.csv"
+    more.write_text("D1\nD2\n")
+    assert cli(settings, "load-codes", "video", "youku", str(more)).returncode == 0
+    assert await redis.hget(BenefitKeys("video").codes, "youku") == b"302"
     assert "C17" not in done.stdout + done.stderr
 
     again = cli(settings, "migrate")
@@ -78,7 +85,7 @@ async def test_load_codes_migrate_warm_and_token(
     warmed = cli(settings, "warm")
     assert warmed.returncode == 0, warmed.stderr
     assert "1 benefit(s)" in warmed.stdout
-    assert await redis.hget(BenefitKeys("video").codes, "youku") == b"300"
+    assert await redis.hget(BenefitKeys("video").codes, "youku") == b"302"
 
     token = cli(settings, "token", "m42", "--ttl", "60")
     assert TokenVerifier(settings).verify(token.stdout.strip()) == "m42"

@@ -83,3 +83,34 @@ def test_periods() -> None:
     assert periods.days_in_period("2028-02") == 29
     with pytest.raises(ValidationError):
         periods.parse_period("2026-13")
+
+
+def test_release_times_may_name_seconds() -> None:
+    release = {"type": "monthly", "day": 1, "close_day": 31, "close_time": "23:59:59"}
+    benefit = parse_benefit("video", body(release=release), SHANGHAI)
+    _, closes = benefit.release.window("2026-11", SHANGHAI)
+    assert closes == datetime(2026, 11, 30, 23, 59, 59, tzinfo=SHANGHAI)
+    assert benefit.release.to_json()["close_time"] == "23:59:59"
+    assert benefit.release.to_json()["time"] == "00:00"
+    with pytest.raises(ValidationError):
+        parse_benefit("video", body(release={**release, "close_time": "23:59:60"}), SHANGHAI)
+
+
+def test_a_one_off_release_has_one_period_for_its_whole_window() -> None:
+    release = {"type": "once", "opens_at": "2026-11-30T20:00:00+08:00", "closes_at": None}
+    benefit = parse_benefit("video", body(release=release), SHANGHAI)
+    december = datetime(2026, 12, 2, 9, 0, tzinfo=SHANGHAI)
+    assert benefit.release.period_at(december, SHANGHAI) == "2026-11"
+    monthly = parse_benefit("video", body(), SHANGHAI)
+    assert monthly.release.period_at(december, SHANGHAI) == "2026-12"
+
+
+def test_calendar_bounds_and_shift() -> None:
+    calendar = periods.Calendar(SHANGHAI)
+    start, end = calendar.bounds_ms("2026-12")
+    assert start == periods.to_ms(datetime(2026, 12, 1, tzinfo=SHANGHAI))
+    assert end == periods.to_ms(datetime(2027, 1, 1, tzinfo=SHANGHAI))
+    assert calendar.period_at(end - 1) == "2026-12" and calendar.period_at(end) == "2027-01"
+    shifted = periods.Calendar(SHANGHAI, shift_ms=1000)
+    assert shifted.period_at(end - 1000) == "2027-01"
+    assert periods.previous_period("2027-01") == "2026-12"

@@ -393,7 +393,8 @@ async def _prepare(settings: Settings, plan: Plan) -> AsyncIterator[Bench]:
         members = MemberIds(plan.members_needed())
         period = periods.current_period(settings.tz)
         await save_tiers(pg, redis, period, [(u, MEMBER_TIER) for u in members.all()])
-        yield Bench(plan, settings, redis, pg, benefit_id, members, ClaimEngine(redis, settings, pool=pg))
+        engine = ClaimEngine(redis, settings, pool=pg)
+        yield Bench(plan, settings, redis, pg, benefit_id, members, engine)
         # Keep a reused server's catalogue quiet after the run.
         await catalogue_store.set_paused(pg, redis, settings.tz, benefit_id, True)
     finally:

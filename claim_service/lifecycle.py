@@ -3,6 +3,7 @@
     accepted -> fulfilling -> fulfilled
     accepted | fulfilling -> failed -> refunded
     failed -> accepted (ops retry)
+    failed -> fulfilled (the partner reports success before the claim was refunded)
 
 Every transition is a guarded UPDATE (the row must still be in an expected state), so two
 workers, a late partner callback and an operator can never move a claim twice.
@@ -29,6 +30,7 @@ ALLOWED = {
     (FULFILLING, FAILED),
     (FAILED, REFUNDED),
     (FAILED, ACCEPTED),
+    (FAILED, FULFILLED),
 }
 
 

@@ -2,9 +2,10 @@
 
 It implements the partner side of ``docs/partner-protocol.md``: signed ``POST /orders``,
 ``409`` with the earlier answer for an order it already has, ``processing`` orders completed
-later by a signed callback. Faults are injected at configurable rates so the caller's
-retries, idempotency and callback handling can be exercised; ``GET /stats`` reports what
-happened, including ``double_charged``, which must stay 0.
+later by a signed callback, and the signed order status query ``GET /orders/{order_id}``.
+Faults are injected at configurable rates so the caller's retries, idempotency, status
+queries and callback handling can be exercised; ``GET /stats`` reports what happened,
+including ``double_charged``, which must stay 0.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import uvloop
 from aiohttp import web
 
 from claim_service.errors import ValidationError
+from claim_service.partners import status_path
 from claim_service.signing import IDEMPOTENCY_HEADER, SignatureError, signed_headers, verify
 from claim_service.web import parse_json_object
 
@@ -59,7 +61,8 @@ class SimConfig:
     Fault rates are applied in turn to each new order: ``failure_rate`` first (500, nothing
     recorded), then ``timeout_rate`` (charged, answer held back), ``reject_rate`` and
     ``processing_rate``; each is the share of the requests that got past the earlier ones,
-    so an outage (``failure_rate=1``) can be switched on over any other mix.
+    so an outage (``failure_rate=1``) can be switched on over any other mix. Status queries
+    get the ``failure_rate`` too: in an outage they go unanswered as well.
     """
 
     partner_id: str = "sim"
@@ -138,6 +141,7 @@ class SimCounters:
     bad_signatures: int = 0
     bad_requests: int = 0
     duplicates_received: int = 0
+    status_queries: int = 0
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -324,9 +328,25 @@ class PartnerSimulator:
         return _json(order.answer())
 
     async def _get_order(self, request: web.Request) -> web.Response:
-        order = self.orders.get(request.match_info["order_id"])
+        """The protocol's status query (signed over the path), answered with the protocol's
+        fields plus the simulator's own books (``times_charged``, ``first_status``, ...)."""
+        self.counters.status_queries += 1
+        order_id = request.match_info["order_id"]
+        if (rejection := self._verify(request, status_path(order_id).encode())) is not None:
+            return rejection
+        await self._pause(self._latency_s())
+        if self._rng.random() < self.config.failure_rate:
+            self.counters.failures_injected += 1
+            return _error(500, "unavailable", "injected failure")
+        order = self.orders.get(order_id)
         if order is None:
-            return _error(404, "not_found", "no such order")
+            not_found = {
+                "order_id": order_id,
+                "status": "not_found",
+                "partner_ref": None,
+                "reason": None,
+            }
+            return _json(not_found, 404)
         return _json(asdict(order))
 
     async def _get_stats(self, request: web.Request) -> web.Response:
@@ -423,7 +443,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="seed for reproducible fault injection")
     helps = {
         "latency_ms": "mean added latency per order request",
-        "failure_rate": "share answered 500 without recording the order",
+        "failure_rate": "share of orders and status queries answered 500 (nothing recorded)",
         "timeout_rate": "share recorded and charged but answered after --timeout-delay-s",
         "timeout_delay_s": "how long a 'timed out' answer is held back",
         "reject_rate": "share answered failed/account_not_found (not charged)",

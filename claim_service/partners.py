@@ -1,4 +1,5 @@
-"""Direct-charge partners: their configuration, the order call and a circuit breaker.
+"""Direct-charge partners: their configuration, the order call, the order status query and a
+circuit breaker.
 
 Ops configure partners at run time (``PUT /admin/v1/partners/{id}``); secrets are stored
 encrypted and never echoed. Workers re-read the table every few seconds, so a change needs
@@ -136,7 +137,10 @@ class Outcome(Enum):
     PROCESSING = "processing"
     FAILED = "failed"  # the partner said no: permanent
     REJECTED = "rejected"  # a 4xx other than 409: permanent
-    TRANSIENT = "transient"  # 5xx, timeout, connection error, garbage: retry
+    NOT_FOUND = "not_found"  # status query only: the partner never received the order
+    # No usable answer (5xx, timeout, connection error, garbage): the order may well have
+    # been charged. Resend it while attempts last, then ask with a status query.
+    UNKNOWN = "unknown"
 
 
 @dataclass(frozen=True)
@@ -175,9 +179,9 @@ async def send_order(
             raw = await resp.read()
             status = resp.status
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-        return OrderResult(Outcome.TRANSIENT, reason=f"{type(exc).__name__}: {exc}"[:200])
+        return OrderResult(Outcome.UNKNOWN, reason=f"{type(exc).__name__}: {exc}"[:200])
     if status >= 500:
-        return OrderResult(Outcome.TRANSIENT, reason=f"http {status}", http_status=status)
+        return OrderResult(Outcome.UNKNOWN, reason=f"http {status}", http_status=status)
     if status in (200, 201, 409):
         return _classify_answer(raw, status)
     return OrderResult(Outcome.REJECTED, reason=f"http {status}", http_status=status)
@@ -191,7 +195,7 @@ def _classify_answer(raw: bytes, status: int) -> OrderResult:
     if not isinstance(data, dict):
         if status == 409:  # it has the order but did not say how it went: wait for it
             return OrderResult(Outcome.PROCESSING, reason="duplicate", http_status=status)
-        return OrderResult(Outcome.TRANSIENT, reason="unreadable answer", http_status=status)
+        return OrderResult(Outcome.UNKNOWN, reason="unreadable answer", http_status=status)
     ref = data.get("partner_ref")
     ref = str(ref)[:200] if ref is not None else None
     reason = data.get("reason")
@@ -202,13 +206,69 @@ def _classify_answer(raw: bytes, status: int) -> OrderResult:
         "processing": Outcome.PROCESSING,
         "failed": Outcome.FAILED,
     }
-    if answer not in outcomes:
-        return OrderResult(Outcome.TRANSIENT, ref, f"unknown status {answer!r}", status)
+    if not isinstance(answer, str) or answer not in outcomes:
+        return OrderResult(Outcome.UNKNOWN, ref, f"unknown status {answer!r}", status)
     return OrderResult(outcomes[answer], ref, reason, status)
 
 
+STATUS_ANSWERS = {
+    "success": Outcome.SUCCESS,
+    "processing": Outcome.PROCESSING,
+    "failed": Outcome.FAILED,
+    "not_found": Outcome.NOT_FOUND,
+}
+
+
+def status_path(order_id: str) -> str:
+    """The status query's path below ``base_url``; also the bytes it signs (a GET has no
+    body), so a captured signature cannot be replayed to ask about another order."""
+    return f"/orders/{order_id}"
+
+
+async def query_order(
+    session: aiohttp.ClientSession, partner: Partner, order_id: str
+) -> OrderResult:
+    """Ask the partner what became of an order (signed ``GET /orders/{order_id}``).
+
+    Only a well-formed answer about this very order counts; anything else, including a
+    bare 404 (a wrong ``base_url`` says nothing about the order), is ``UNKNOWN``.
+    """
+    path = status_path(order_id)
+    headers = signed_headers(partner.secret, path.encode())
+    del headers["Content-Type"]  # a GET has no body
+    try:
+        async with session.get(
+            partner.base_url + path,
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=partner.timeout_s),
+        ) as resp:
+            raw = await resp.read()
+            status = resp.status
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        return OrderResult(Outcome.UNKNOWN, reason=f"{type(exc).__name__}: {exc}"[:200])
+    if status not in (200, 404):
+        return OrderResult(Outcome.UNKNOWN, reason=f"http {status}", http_status=status)
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        data = None
+    if not isinstance(data, dict) or data.get("order_id") != order_id:
+        return OrderResult(Outcome.UNKNOWN, reason="unreadable answer", http_status=status)
+    said = data.get("status")
+    answer = STATUS_ANSWERS.get(said) if isinstance(said, str) else None
+    if answer is None or (status == 404 and answer is not Outcome.NOT_FOUND):
+        return OrderResult(Outcome.UNKNOWN, reason="unreadable answer", http_status=status)
+    ref, reason = data.get("partner_ref"), data.get("reason")
+    return OrderResult(
+        answer,
+        str(ref)[:200] if ref is not None else None,
+        str(reason)[:200] if reason is not None else None,
+        status,
+    )
+
+
 class CircuitBreaker:
-    """Per partner: after ``threshold`` consecutive transient failures, stop calling for a
+    """Per partner: after ``threshold`` consecutive unanswered calls, stop calling for a
     cool-down (doubling up to ``max_cooldown_s``), then let one probe through."""
 
     def __init__(self, threshold: int, cooldown_s: float, max_cooldown_s: float = 60.0) -> None:

@@ -192,8 +192,8 @@ class ClaimWriter:
                 raise
             # Redis lost the streams (restarted empty, or replaced): create them again.
             log.warning("writer %s: consumer group missing; creating it again", self.consumer)
-            for stream in streams:
-                await ensure_group(self.redis, stream)
+            for name in streams:
+                await ensure_group(self.redis, name)
             return 0
         handled = 0
         for stream, entries in cast(list[tuple[bytes, list[Entry]]], reply or []):

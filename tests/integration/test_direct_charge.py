@@ -59,11 +59,12 @@ async def setup(
     stock: int,
     on_failure: str = "refund",
     max_attempts: int = 12,
+    timeout_s: float = 0.25,
 ) -> None:
     partner = {
         "base_url": sim.url,
         "secret": SECRET,
-        "timeout_s": 0.25,
+        "timeout_s": timeout_s,
         "max_in_flight": 32,
         "max_attempts": max_attempts,
     }
@@ -94,8 +95,15 @@ async def claim_all(client: Client, settings: Settings, members: int) -> list[st
 
 
 async def run_until_final(
-    settings: Settings, redis: Redis, pool: asyncpg.Pool, within: float = 60.0
+    settings: Settings,
+    redis: Redis,
+    pool: asyncpg.Pool,
+    within: float = 60.0,
+    *,
+    waiting_ok: bool = False,
 ) -> None:
+    """Run a fulfil worker until every claim is final (or, with ``waiting_ok``, final or
+    visibly waiting for its partner to say whether the order was charged)."""
     await drain(ClaimWriter(redis, pool, fast(settings)))
     stop = asyncio.Event()
     worker = FulfilmentWorker(pool, redis, settings)
@@ -104,7 +112,9 @@ async def run_until_final(
     try:
         while time.monotonic() < deadline:
             open_claims = await pool.fetchval(
-                "SELECT count(*) FROM claims WHERE status IN ('accepted', 'fulfilling')"
+                """SELECT count(*) FROM claims WHERE status IN ('accepted', 'fulfilling')
+                   AND NOT ($1 AND outcome_unknown_since IS NOT NULL)""",
+                waiting_ok,
             )
             failed = await pool.fetchval("""SELECT count(*) FROM claims c JOIN benefits b
                 USING (benefit_id) WHERE c.status = 'failed' AND b.on_failure = 'refund'""")
@@ -134,7 +144,7 @@ async def assert_units_returned_once(settings: Settings, redis: Redis, pool: asy
     used = {text(k): int(v) for k, v in (await redis.hgetall(keys.used(period))).items()}
     assert {u: n for u, n in used.items() if n} == {u: n for u, n in per_member.items() if n}
     refund_events = await pool.fetchval(
-        "SELECT count(*) FROM claim_events WHERE to_status = 'refunded'"
+        "SELECT count(*) FROM claim_events WHERE to_status = 'refunded' AND from_status = 'failed'"
     )
     assert refund_events == refunded
 
@@ -180,9 +190,18 @@ async def test_held_failures_wait_for_ops_then_retry(
     sim.config = replace(sim.config, failure_rate=1.0)
     await setup(client, settings, sim, members=3, stock=3, on_failure="hold", max_attempts=2)
     claims = await claim_all(client, settings, 3)
+    # In an outage nobody can tell whether the orders were charged: they wait, not fail.
+    await run_until_final(quick(settings), redis, pool, waiting_ok=True)
+    rows = await pool.fetch("SELECT status, outcome_unknown_since FROM claims")
+    assert {r["status"] for r in rows} == {"fulfilling"}
+    assert all(r["outcome_unknown_since"] is not None for r in rows)
+    # Back up, the partner says it never received them: now they fail, and are held.
+    sim.config = replace(sim.config, failure_rate=0.0)
     await run_until_final(quick(settings), redis, pool)
-    assert {r["status"] for r in await pool.fetch("SELECT status FROM claims")} == {"failed"}
-    assert sim.stats()["charged"] == 0
+    rows = await pool.fetch("SELECT status, failure_reason, outcome_unknown_since FROM claims")
+    assert {(r["status"], r["failure_reason"]) for r in rows} == {("failed", "order_not_found")}
+    assert all(r["outcome_unknown_since"] is None for r in rows)
+    assert (sim.stats()["charged"], sim.stats()["orders"]) == (0, 0)
     # Still held: the unit is not back.
     period = periods.current_period(settings.tz)
     assert int(await redis.hget(BenefitKeys("video").stock(period), "taken") or 0) == 3
@@ -321,7 +340,7 @@ async def test_ops_retry_finishes_a_refund_interrupted_by_a_crash(
 ) -> None:
     from claim_service.compensation import _refund_in_redis
 
-    sim.config = replace(sim.config, failure_rate=1.0)
+    sim.config = replace(sim.config, reject_rate=1.0)
     await setup(client, settings, sim, members=1, stock=1, on_failure="hold", max_attempts=1)
     (claim_id,) = await claim_all(client, settings, 1)
     await run_until_final(quick(settings), redis, pool)

@@ -211,7 +211,11 @@ async def test_a_redis_restored_in_place_is_found_behind_and_repaired(
     assert (await engine.claim(ClaimRequest("video", "u0", "r", "iqiyi"))).accepted
     await drain(writer)
     keys = BenefitKeys("video")
-    saved = {k: await redis.dump(k) for k in (keys.stock(period), keys.used(period))}
+    saved: dict[str, bytes] = {}
+    for key in (keys.stock(period), keys.used(period)):
+        dumped = await redis.dump(key)
+        assert isinstance(dumped, bytes)
+        saved[key] = dumped
     for i in range(1, 6):
         assert (await engine.claim(ClaimRequest("video", f"u{i}", "r", "iqiyi"))).accepted
     await drain(writer)
@@ -253,11 +257,12 @@ async def test_writer_never_swallows_a_reused_request_id(
 
     await drain(writer)
     assert await pool.fetchval("SELECT count(*) FROM claims") == 1
-    dead = await redis.xrange(DEAD_LETTER_STREAM)
+    dead = await redis.xrange(DEAD_LETTER_STREAM) or []
     assert len(dead) == 1
-    fields = {text(k): text(v) for k, v in dead[0][1].items()}
+    fields = {text(k): text(v) for k, v in (dead[0][1] or {}).items()}
     assert fields["c"] == second.claim_id and fields["why"] == "request_conflict"
     anomaly = await pool.fetchrow("SELECT kind, claim_id, detail FROM anomalies")
+    assert anomaly is not None
     assert anomaly["kind"] == "request_conflict" and anomaly["claim_id"] == second.claim_id
     assert orjson.loads(anomaly["detail"])["original_claim_id"] == original.claim_id
     assert int(await redis.hget(keys.stock(period), "taken") or 0) == 1

@@ -121,6 +121,28 @@ async def get_json(http: aiohttp.ClientSession, url: str) -> Any:
         return await response.json()
 
 
+def status_headers(path: str, secret: str = SECRET, **kw: Any) -> dict[str, str]:
+    """A status query is signed over its path, standing in for the body a GET lacks."""
+    headers = signed_headers(secret, path.encode(), **kw)
+    del headers["Content-Type"]
+    return headers
+
+
+async def query_status(
+    http: aiohttp.ClientSession, url: str, order_id: str, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
+    path = f"/orders/{order_id}"
+    sent = status_headers(path) if headers is None else headers
+    async with http.get(url + path, headers=sent) as response:
+        return response.status, await response.json()
+
+
+async def get_order(http: aiohttp.ClientSession, url: str, order_id: str) -> Any:
+    status, body = await query_status(http, url, order_id)
+    assert status == 200, body
+    return body
+
+
 async def wait_for(check: Callable[[], Awaitable[bool]]) -> None:
     """Poll ``check`` (it reads over HTTP, so there is no event to wait on) for up to 3 s."""
     for _ in range(150):
@@ -175,11 +197,9 @@ async def test_order_success_is_charged_once(http, start_sim):
     assert answer["status"] == "success"
     assert answer["reason"] is None
     assert answer["partner_ref"].startswith("SIM-")
-    order = await get_json(http, f"{url}/orders/c1")
+    order = await get_order(http, url, "c1")
     assert order["times_charged"] == 1
     assert order["account"] == "13800000000"
-    async with http.get(f"{url}/orders/nope") as response:
-        assert response.status == 404
 
 
 async def test_repeated_order_gets_409_with_the_same_answer_and_no_second_charge(http, start_sim):
@@ -254,7 +274,7 @@ async def test_processing_order_completes_by_signed_callback_sent_repeatedly(
     )
     status, answer = await send_order(http, url, "c1")
     assert (status, answer["status"]) == (200, "processing")
-    assert (await get_json(http, f"{url}/orders/c1"))["times_charged"] == 0
+    assert (await get_order(http, url, "c1"))["times_charged"] == 0
 
     async def acknowledged() -> bool:
         stats = await get_json(http, f"{url}/stats")
@@ -325,7 +345,7 @@ async def test_processing_without_callback_base_completes_internally(http, start
     assert (await send_order(http, url, "c1"))[1]["status"] == "processing"
 
     async def completed() -> bool:
-        return bool((await get_json(http, f"{url}/orders/c1"))["status"] == "success")
+        return bool((await get_order(http, url, "c1"))["status"] == "success")
 
     await wait_for(completed)
     stats = await get_json(http, f"{url}/stats")
@@ -338,6 +358,9 @@ async def test_timed_out_order_was_charged_and_resend_gets_409_success(http, sta
         await send_order(http, url, "c1", timeout=aiohttp.ClientTimeout(total=0.2))
     stats = await get_json(http, f"{url}/stats")
     assert (stats["timeouts_injected"], stats["charged"]) == (1, 1)
+    # Asked while the answer is still held back, the partner tells the truth: charged.
+    order = await get_order(http, url, "c1")
+    assert (order["status"], order["times_charged"]) == ("success", 1)
     status, answer = await send_order(http, url, "c1")
     assert (status, answer["status"]) == (409, "success")
     stats = await get_json(http, f"{url}/stats")
@@ -353,6 +376,63 @@ async def test_same_seed_gives_the_same_outcomes(http, start_sim):
     assert outcomes[0] == outcomes[1]
     kinds = set(outcomes[0])
     assert {(500, None), (200, "failed"), (200, "success")} <= kinds
+
+
+async def test_status_query_answers_the_protocol_fields_and_not_found_explicitly(http, start_sim):
+    url = await start_sim(reject_rate=1.0)
+    _, answer = await send_order(http, url, "c1")
+    status, order = await query_status(http, url, "c1")
+    assert status == 200
+    protocol = {k: order[k] for k in ("order_id", "status", "partner_ref", "reason")}
+    assert protocol == {"order_id": "c1", **answer}
+    assert order["times_charged"] == 0
+    status, absent = await query_status(http, url, "nope")
+    assert status == 404
+    assert absent == {
+        "order_id": "nope",
+        "status": "not_found",
+        "partner_ref": None,
+        "reason": None,
+    }
+    stats = await get_json(http, f"{url}/stats")
+    assert (stats["status_queries"], stats["orders"]) == (2, 1)
+
+
+async def test_status_query_signature_is_bound_to_the_order_and_fresh(http, start_sim):
+    url = await start_sim()
+    await send_order(http, url, "c1")
+    await send_order(http, url, "c2")
+    cases = [
+        {},
+        status_headers("/orders/c1"),  # captured for c1, replayed for c2
+        status_headers("/orders/c2", secret="not-the-secret"),
+        status_headers("/orders/c2", now=time.time() - 600),
+    ]
+    for headers in cases:
+        status, body = await query_status(http, url, "c2", headers)
+        assert (status, body["error"]) == (401, "bad_signature")
+    assert (await query_status(http, url, "c2"))[0] == 200
+    stats = await get_json(http, f"{url}/stats")
+    assert (stats["bad_signatures"], stats["status_queries"]) == (4, 5)
+
+
+async def test_outage_leaves_status_queries_unanswered_too(http, start_sim):
+    url = await start_sim()
+    await send_order(http, url, "c1")
+
+    async def control(changes: dict[str, Any]) -> None:
+        body = orjson.dumps(changes)
+        async with http.post(f"{url}/control", data=body, headers=signed_headers(SECRET, body)):
+            pass
+
+    await control({"failure_rate": 1.0})
+    status, body = await query_status(http, url, "c1")
+    assert (status, body["error"]) == (500, "unavailable")
+    assert (await query_status(http, url, "never-sent"))[0] == 500
+    await control({"failure_rate": 0.0})
+    assert (await get_order(http, url, "c1"))["status"] == "success"
+    stats = await get_json(http, f"{url}/stats")
+    assert (stats["failures_injected"], stats["charged"], stats["double_charged"]) == (2, 1, 0)
 
 
 def test_config_rejects_out_of_range_rates() -> None:

@@ -50,8 +50,8 @@ async def get_benefit(request: web.Request) -> web.Response:
     benefit_id = check_id(request.match_info["benefit_id"], "benefit_id")
     benefit = await catalogue_store.load_benefit(app[PG], app[SETTINGS].tz, benefit_id)
     period = request.query.get("period")
-    if period is None:
-        period = periods.current_period(app[SETTINGS].tz)
+    if period is None:  # the period a claim decided now counts against
+        period = app[ENGINE].current_period(benefit)
     periods.parse_period(period)
     return json_response({**benefit.to_json(), "stock": await _stock(request, benefit_id, period)})
 
@@ -112,7 +112,8 @@ async def add_stock(request: web.Request) -> web.Response:
         raise ValidationError(f"amount must be an integer in 1..{MAX_STOCK}", field="amount")
     period = data.get("period")
     if period is None:
-        period = periods.current_period(app[SETTINGS].tz)
+        benefit = await catalogue_store.load_benefit(app[PG], app[SETTINGS].tz, benefit_id)
+        period = app[ENGINE].current_period(benefit)
     if not isinstance(period, str):
         raise ValidationError("period must be written YYYY-MM", field="period")
     periods.parse_period(period)

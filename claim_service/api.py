@@ -1,4 +1,5 @@
-"""Member-facing routes: claim, look up claims, the catalogue, health and the OpenAPI doc."""
+"""Member-facing routes (claim, look up claims, the catalogue, health, the OpenAPI doc) and
+the ops listener's health and ``/metrics``."""
 
 from __future__ import annotations
 
@@ -6,13 +7,15 @@ import asyncio
 import re
 from importlib import resources
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from redis.exceptions import RedisError
 
-from claim_service import periods
+from claim_service import metrics, periods
 from claim_service.catalogue import ID_RE
-from claim_service.claim_records import find_claim, member_claims
+from claim_service.claim_records import find_claim, format_time, member_claims
 from claim_service.engine import MAX_ACCOUNT, MAX_REQUEST_ID, ClaimDecision, ClaimRequest
 from claim_service.errors import BackendUnavailable, NotFoundError, ValidationError
 from claim_service.vouchers import reveal
@@ -29,6 +32,7 @@ from claim_service.web import (
 )
 
 READY_TIMEOUT_S = 2.0
+METRICS = web.AppKey("metrics", CollectorRegistry)
 # Request ids and partner accounts travel in headers, logs and partner APIs: keep them plain.
 PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]+\Z")
 
@@ -98,10 +102,10 @@ async def post_claim(request: web.Request) -> web.Response:
     decision = await request.app[ENGINE].claim(
         ClaimRequest(benefit_id, user_id, request_id, option_id, account)
     )
-    return decision_response(decision)
+    return decision_response(decision, request.app[SETTINGS].tz)
 
 
-def decision_response(decision: ClaimDecision) -> web.Response:
+def decision_response(decision: ClaimDecision, tz: ZoneInfo) -> web.Response:
     if decision.accepted:
         body = {
             "claim_id": decision.claim_id,
@@ -110,7 +114,7 @@ def decision_response(decision: ClaimDecision) -> web.Response:
             "option_id": decision.option_id,
             "period": decision.period,
             "stock_left": decision.stock_left,
-            "created_at": decision.created_at.isoformat() if decision.created_at else None,
+            "created_at": format_time(decision.created_at, tz) if decision.created_at else None,
             "replayed": decision.code == "dup",
         }
         return json_response(body, 200 if decision.code == "dup" else 202)
@@ -167,7 +171,7 @@ async def list_my_claims(request: web.Request) -> web.Response:
     if period is None:
         period = periods.current_period(tz)
     periods.parse_period(period)
-    claims = await member_claims(request.app[PG], user_id, period)
+    claims = await member_claims(request.app[PG], user_id, period, tz)
     return json_response({"period": period, "claims": claims})
 
 
@@ -207,12 +211,8 @@ def openapi_document() -> bytes:
 
 
 async def prometheus_metrics(request: web.Request) -> web.Response:
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-    from claim_service.vouchers import publish_pool_levels
-
-    await publish_pool_levels(request.app[PG], request.app[SETTINGS].codes_low_watermark)
-    response = web.Response(body=generate_latest())
+    """Every worker's metrics, merged; a scrape touches neither Redis nor PostgreSQL."""
+    response = web.Response(body=generate_latest(request.app[METRICS]))
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return response
 
@@ -222,6 +222,7 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
+    """The member listener's routes."""
     app.router.add_post("/v1/benefits/{benefit_id}/claims", post_claim)
     app.router.add_get("/v1/claims/{claim_id}", get_claim)
     app.router.add_get("/v1/me/claims", list_my_claims)
@@ -229,4 +230,11 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/openapi.json", openapi)
+
+
+def add_ops_routes(app: web.Application) -> None:
+    """Health and metrics on the admin listener."""
+    app[METRICS] = metrics.registry()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", prometheus_metrics)

@@ -70,7 +70,8 @@ class Release:
 
     A monthly release has a stock and quotas per calendar month. A one-off release has one
     period for its whole window, the month it opens in, so a window that spans a month end
-    keeps one stock and one quota per member throughout.
+    keeps one stock and one quota per member throughout. Either way a member's tier is the
+    one of the month the claim is decided in.
     """
 
     type: str

@@ -20,8 +20,16 @@ COLUMNS = (
 )
 
 
-def claim_json(row: dict[str, Any] | asyncpg.Record) -> dict[str, Any]:
+def format_time(value: datetime, tz: ZoneInfo) -> str:
+    """The one way claim times are written: ISO 8601 in the service time zone
+    (``CLAIM_TIMEZONE``), to the millisecond, whether the claim is still in Redis or already
+    in PostgreSQL."""
+    return value.astimezone(tz).isoformat(timespec="milliseconds")
+
+
+def claim_json(row: dict[str, Any] | asyncpg.Record, tz: ZoneInfo) -> dict[str, Any]:
     created = row["created_at"]
+    updated = row.get("updated_at")
     return {
         "claim_id": row["claim_id"],
         "request_id": row["request_id"],
@@ -30,8 +38,8 @@ def claim_json(row: dict[str, Any] | asyncpg.Record) -> dict[str, Any]:
         "period": row["period"],
         "tier": row["tier"],
         "status": row["status"],
-        "created_at": created.isoformat() if isinstance(created, datetime) else created,
-        "updated_at": row["updated_at"].isoformat() if row.get("updated_at") else None,
+        "created_at": format_time(created, tz) if isinstance(created, datetime) else created,
+        "updated_at": format_time(updated, tz) if updated else None,
     }
 
 
@@ -43,13 +51,13 @@ async def find_claim(
         return None
     row = await pool.fetchrow(f"SELECT {COLUMNS} FROM claims WHERE claim_id = $1", claim_id)
     if row is not None:
-        return {**claim_json(row), "user_id": row["user_id"]}
+        return {**claim_json(row, tz), "user_id": row["user_id"]}
     pending = await _find_pending(redis, claim_id, tz)
     if pending is not None:
         return pending
     # The writer may have persisted it between the two look-ups.
     row = await pool.fetchrow(f"SELECT {COLUMNS} FROM claims WHERE claim_id = $1", claim_id)
-    return None if row is None else {**claim_json(row), "user_id": row["user_id"]}
+    return None if row is None else {**claim_json(row, tz), "user_id": row["user_id"]}
 
 
 async def _find_pending(redis: Redis, claim_id: str, tz: ZoneInfo) -> dict[str, Any] | None:
@@ -71,16 +79,18 @@ async def _find_pending(redis: Redis, claim_id: str, tz: ZoneInfo) -> dict[str, 
             "period": fields["p"],
             "tier": int(fields["t"]),
             "status": "accepted",
-            "created_at": datetime.fromtimestamp(int(fields["ts"]) / 1000, tz).isoformat(),
+            "created_at": format_time(datetime.fromtimestamp(int(fields["ts"]) / 1000, tz), tz),
             "user_id": fields["u"],
         }
     return None
 
 
-async def member_claims(pool: asyncpg.Pool, user_id: str, period: str) -> list[dict[str, Any]]:
+async def member_claims(
+    pool: asyncpg.Pool, user_id: str, period: str, tz: ZoneInfo
+) -> list[dict[str, Any]]:
     rows = await pool.fetch(
         f"SELECT {COLUMNS} FROM claims WHERE user_id = $1 AND period = $2 ORDER BY created_at",
         user_id,
         period,
     )
-    return [claim_json(r) for r in rows]
+    return [claim_json(r, tz) for r in rows]

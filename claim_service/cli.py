@@ -5,23 +5,42 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import logging
 import multiprocessing
+import multiprocessing.connection
+import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
 import orjson
 import uvloop
+from aiohttp import web
 
 from claim_service import __version__, periods
 from claim_service.config import Settings
-from claim_service.errors import ClaimServiceError
+from claim_service.errors import ClaimServiceError, ConfigError
+from claim_service.http_server import Guard, ServiceRunner, file_limit
+from claim_service.web import PG, REDIS, create_admin_app, create_app
 
 log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+SHUTDOWN_TIMEOUT_S = 10.0
+# A worker that dies sooner than this after starting crashed "at once" (a bad setting, a
+# port taken): restarted with a growing delay, and given up on after this many in a row.
+WORKER_QUICK_CRASH_S = 10.0
+WORKER_MAX_QUICK_CRASHES = 4
+WORKER_RESTART_DELAY_S = (0.5, 30.0)
+METRICS_DIR_PREFIX = "claim-service-metrics-"
 
 
 class JsonFormatter(logging.Formatter):
@@ -112,17 +131,17 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace, *, out: Any = None
 
 def cmd_warm(settings: Settings, args: argparse.Namespace) -> int:
     async def body(redis: Any, pool: Any) -> int:
-        from claim_service.catalogue_store import warm
+        from claim_service.recovery import Recovery
 
         wanted = args.period or [periods.current_period(settings.tz)]
         for period in wanted:
             periods.parse_period(period)
         started = time.monotonic()
-        report = await warm(pool, redis, settings.tz, wanted)
+        report = await Recovery(pool, redis, settings).ensure_all(force=True, tier_periods=wanted)
         print(
             f"warmed Redis from PostgreSQL in {time.monotonic() - started:.1f}s: "
-            f"{report.benefits_pushed} benefit(s), {report.tiers_loaded} tier row(s), "
-            f"{report.counters_restored} counter(s) restored for {', '.join(report.periods)}"
+            f"{report.benefits} benefit(s) rebuilt, {report.tiers} tier row(s) for "
+            f"{', '.join(wanted)}"
         )
         return 0
 
@@ -169,17 +188,29 @@ def cmd_writer(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_fulfil(settings: Settings, args: argparse.Namespace) -> int:
+    settings.require_urls()
+    # fulfil decrypts codes and partner secrets: only the codes key matters to it.
+    dev_secrets = [name for name in settings.dev_defaults() if name == "CLAIM_CODES_KEY"]
+    refuse_dev_secrets(dev_secrets, settings.exposure([METRICS_HOST]), args.insecure_dev)
+    warn_dev_defaults(settings)
+    file_limit()
     if args.metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(args.metrics_port, addr="127.0.0.1")
-
-    warn_dev_defaults(settings)
+        start_http_server(args.metrics_port, addr=METRICS_HOST)
 
     async def body(redis: Any, pool: Any) -> int:
         from claim_service.fulfilment import FulfilmentWorker
+        from claim_service.recovery import Recovery
 
-        await FulfilmentWorker(pool, redis, settings, name=args.name).run(stop_event())
+        stop = stop_event()
+        # Refunds wait while a benefit is being recovered: make sure something recovers it.
+        watch = asyncio.create_task(Recovery(pool, redis, settings).watch(stop))
+        try:
+            await FulfilmentWorker(pool, redis, settings, name=args.name).run(stop)
+        finally:
+            stop.set()
+            await watch
         return 0
 
     return run_async(with_pools(settings, body, pg_size=10))
@@ -212,15 +243,48 @@ def cmd_load_codes(settings: Settings, args: argparse.Namespace) -> int:
     return run_async(with_pools(settings, body))
 
 
-def _serve_one(settings: Settings, with_writer: bool, reuse_port: bool) -> None:
-    from aiohttp import web
+METRICS_HOST = "127.0.0.1"  # fulfil --metrics-port listens on loopback only
 
-    from claim_service.web import create_app
 
+def warn_dev_defaults(settings: Settings) -> None:
+    for name in settings.dev_defaults():
+        log.warning("%s is the public development default; set it before going live", name)
+
+
+def refuse_dev_secrets(dev_secrets: list[str], exposure: list[str], insecure_dev: bool) -> None:
+    """Closed by default: public development secrets only on a machine of one's own."""
+    if dev_secrets and exposure and not insecure_dev:
+        raise ConfigError(
+            f"refusing to start with the public development value of {', '.join(dev_secrets)} "
+            f"while {'; '.join(exposure)}: set {'them' if len(dev_secrets) > 1 else 'it'}, "
+            "or pass --insecure-dev for a throw-away setup"
+        )
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """A worker never outlives the `serve` process supervising it (even one killed -9)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent_pid:  # it died before the line above took effect
+        raise SystemExit(1)
+    # A terminal's Ctrl-C reaches the supervisor alone, which stops each worker once.
+    os.setpgid(0, 0)
+
+
+def _serve_one(
+    settings: Settings, with_writer: bool, reuse_port: bool, parent_pid: int | None = None
+) -> None:
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
     configure_logging(settings)
-    app = create_app(settings)
+    run_async(_serve(settings, with_writer, reuse_port))
+
+
+async def _serve(settings: Settings, with_writer: bool, reuse_port: bool) -> int:
+    """The member and admin listeners of one process, until SIGINT/SIGTERM."""
+    member = create_app(settings)
     if with_writer:
-        from claim_service.web import PG, REDIS
         from claim_service.writer import ClaimWriter
 
         async def writer_task(app: web.Application) -> Any:
@@ -231,56 +295,176 @@ def _serve_one(settings: Settings, with_writer: bool, reuse_port: bool) -> None:
             stop.set()
             await task
 
-        app.cleanup_ctx.append(writer_task)
-    web.run_app(
-        app,
-        host=settings.host,
-        port=settings.port,
-        reuse_port=reuse_port,
-        access_log=None,
-        print=None,
-        loop=uvloop.new_event_loop(),
-        shutdown_timeout=10,
-    )
-
-
-def warn_dev_defaults(settings: Settings) -> None:
-    for name in settings.dev_defaults():
-        log.warning("%s is the public development default; set it before going live", name)
+        member.cleanup_ctx.append(writer_task)
+    guard = Guard.for_process(settings)
+    # The admin application serves from the member one's pools: it starts after it and
+    # stops before it.
+    runners = [
+        ServiceRunner(app, guard, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+        for app in (member, create_admin_app(settings, member))
+    ]
+    stop = stop_event()
+    try:
+        for runner in runners:
+            await runner.setup()
+        listeners = ((settings.host, settings.port), (settings.admin_host, settings.admin_port))
+        for runner, (host, port) in zip(runners, listeners, strict=True):
+            await web.TCPSite(runner, host, port, reuse_port=reuse_port).start()
+        await stop.wait()
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()
+    return 0
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     settings.require_urls()
+    exposure = settings.exposure([settings.host, settings.admin_host])
+    refuse_dev_secrets(settings.dev_defaults(), exposure, args.insecure_dev)
     warn_dev_defaults(settings)
+    file_limit()  # workers inherit it
     print(
         f"claim-service {__version__} listening on http://{settings.host}:{settings.port} "
+        f"(admin and metrics on http://{settings.admin_host}:{settings.admin_port}) "
         f"with {settings.workers} worker(s)",
         flush=True,
     )
     if settings.workers == 1:
         _serve_one(settings, args.writer, reuse_port=False)
         return 0
+    return _supervise(settings, args.writer)
+
+
+@dataclass
+class _Worker:
+    slot: int
+    proc: BaseProcess | None = None
+    started: float = 0.0
+    quick_crashes: int = 0
+    restart_at: float | None = None
+
+
+def _supervise(settings: Settings, with_writer: bool) -> int:
+    """Run ``settings.workers`` processes sharing both ports (``SO_REUSEPORT``); restart one
+    that dies, with a growing delay, and give up only when one keeps dying at start-up."""
     ctx = multiprocessing.get_context("spawn")
-    procs = [
-        ctx.Process(target=_serve_one, args=(settings, args.writer, True), name=f"worker-{i}")
-        for i in range(settings.workers)
-    ]
-    for proc in procs:
-        proc.start()
+    metrics_dir, own_metrics_dir = _metrics_dir()
+    parent = os.getpid()
+    workers = [_Worker(slot) for slot in range(settings.workers)]
+    state = {"stopping": False, "killing": False}
 
-    def forward(signum: int, _frame: Any) -> None:
-        for proc in procs:
-            if proc.is_alive() and proc.pid:
-                with contextlib.suppress(ProcessLookupError):
-                    import os
+    def on_signal(signum: int, _frame: Any) -> None:
+        if state["stopping"]:
+            state["killing"] = True
+            _signal_workers(workers, signal.SIGKILL)
+        state["stopping"] = True
 
-                    os.kill(proc.pid, signal.SIGINT)
+    def start(worker: _Worker) -> None:
+        worker.proc = ctx.Process(
+            target=_serve_one,
+            args=(settings, with_writer, True, parent),
+            name=f"claim-service-worker-{worker.slot}",
+        )
+        worker.proc.start()
+        worker.started = time.monotonic()
+        worker.restart_at = None
 
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
-    for proc in procs:
-        proc.join()
-    return max((p.exitcode or 0) for p in procs)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    exit_code = 0
+    try:
+        for worker in workers:
+            start(worker)
+        while not state["stopping"]:
+            alive = [w.proc.sentinel for w in workers if w.proc is not None]
+            multiprocessing.connection.wait(alive, timeout=0.2)
+            now = time.monotonic()
+            for worker in workers:
+                if worker.proc is not None and not worker.proc.is_alive():
+                    if not _restart_later(worker, now, metrics_dir):
+                        exit_code = 1
+                        state["stopping"] = True
+                if worker.restart_at is not None and worker.restart_at <= now:
+                    if not state["stopping"]:
+                        start(worker)
+    finally:
+        _stop_workers(workers, state)
+        if own_metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+    return exit_code
+
+
+def _restart_later(worker: _Worker, now: float, metrics_dir: str) -> bool:
+    """Reap a dead worker and schedule its restart; ``False`` to give up."""
+    from prometheus_client import multiprocess
+
+    proc = worker.proc
+    assert proc is not None
+    proc.join()
+    uptime = now - worker.started
+    worker.proc = None
+    if proc.pid is not None:
+        multiprocess.mark_process_dead(proc.pid, metrics_dir)  # type: ignore[no-untyped-call]
+    worker.quick_crashes = worker.quick_crashes + 1 if uptime < WORKER_QUICK_CRASH_S else 0
+    if worker.quick_crashes >= WORKER_MAX_QUICK_CRASHES:
+        log.error(
+            "worker %d keeps exiting right after it starts (exit code %s, %d times in a row); "
+            "giving up (see its errors above)",
+            worker.slot,
+            proc.exitcode,
+            worker.quick_crashes,
+        )
+        return False
+    first, most = WORKER_RESTART_DELAY_S
+    delay = min(first * 2**worker.quick_crashes, most)
+    log.warning(
+        "worker %d (pid %s) exited with code %s after %.1fs; restarting it in %.1fs",
+        worker.slot,
+        proc.pid,
+        proc.exitcode,
+        uptime,
+        delay,
+    )
+    worker.restart_at = now + delay
+    return True
+
+
+def _signal_workers(workers: list[_Worker], signum: int) -> None:
+    for worker in workers:
+        if worker.proc is not None and worker.proc.pid and worker.proc.is_alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.proc.pid, signum)
+
+
+def _stop_workers(workers: list[_Worker], state: dict[str, bool]) -> None:
+    """SIGTERM each worker (a graceful stop), then SIGKILL whatever outlives the grace."""
+    _signal_workers(workers, signal.SIGTERM)
+    deadline = time.monotonic() + SHUTDOWN_TIMEOUT_S + 5
+    for worker in workers:
+        if worker.proc is not None:
+            worker.proc.join(max(deadline - time.monotonic(), 0))
+    _signal_workers(workers, signal.SIGKILL)
+    for worker in workers:
+        if worker.proc is not None:
+            worker.proc.join(5)
+
+
+def _metrics_dir() -> tuple[str, bool]:
+    """Where workers keep their metrics for a scrape to merge (prometheus-client's
+    multiprocess mode): the operator's ``PROMETHEUS_MULTIPROC_DIR``, or a fresh directory
+    removed at exit. Set before any worker starts (and imports prometheus_client)."""
+    chosen = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if chosen:
+        os.makedirs(chosen, exist_ok=True)
+        return chosen, False
+    # A `serve` killed -9 could not remove its directory: the next one does.
+    for stale in Path(tempfile.gettempdir()).glob(f"{METRICS_DIR_PREFIX}*-*"):
+        owner = stale.name.removeprefix(METRICS_DIR_PREFIX).split("-", 1)[0]
+        if owner.isdigit() and not Path(f"/proc/{owner}").exists():
+            shutil.rmtree(stale, ignore_errors=True)
+    path = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    return path, True
 
 
 def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
@@ -353,11 +537,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="where the servers keep data (default CLAIM_DATA_DIR)")
     p.set_defaults(func=cmd_dev)
 
+    insecure_help = (
+        "start even with public development secrets on a listener or server that is not "
+        "local (a throw-away setup only)"
+    )
     p = sub.add_parser("serve", help="serve the HTTP API")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
-    p.add_argument("--workers", type=int, help="worker processes sharing the port")
+    p.add_argument("--admin-host", help="the admin and metrics listener (default 127.0.0.1)")
+    p.add_argument("--admin-port", type=int)
+    p.add_argument("--workers", type=int, help="worker processes sharing the ports")
     p.add_argument("--writer", action="store_true", help="also run a writer in each worker")
+    p.add_argument("--insecure-dev", action="store_true", help=insecure_help)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("writer", help="persist accepted claims from Redis to PostgreSQL")
@@ -370,6 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fulfil", help="deliver persisted claims (card-key and direct charge)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    p.add_argument("--insecure-dev", action="store_true", help=insecure_help)
     p.add_argument(
         "--name",
         help="a stable name per instance: restarted under the same name, it resumes its own "
@@ -411,7 +603,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        overrides = {k: getattr(args, k, None) for k in ("host", "port", "workers")}
+        overrides = {
+            k: getattr(args, k, None)
+            for k in ("host", "port", "admin_host", "admin_port", "workers")
+        }
         settings = Settings.from_env(**overrides)
         configure_logging(settings)
         func: Callable[[Settings, argparse.Namespace], int] = args.func

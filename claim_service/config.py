@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from claim_service.errors import ConfigError
@@ -30,7 +32,11 @@ class Settings:
     admin_token: str = field(default=DEV_ADMIN_TOKEN, repr=False)
     host: str = "127.0.0.1"
     port: int = 8080
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 8081
     workers: int = 1
+    body_timeout_s: float = 10.0
+    max_connections: int = 10_000
     max_body_bytes: int = 16 * 1024
     admin_max_body_bytes: int = 16 * 1024 * 1024
     batch_max: int = 256
@@ -81,6 +87,12 @@ class Settings:
             raise ConfigError(f"CLAIM_TIMEZONE: unknown time zone {self.timezone!r}") from exc
         if self.workers < 1:
             raise ConfigError("CLAIM_WORKERS must be at least 1")
+        if self.port and self.port == self.admin_port:
+            raise ConfigError("CLAIM_ADMIN_PORT must differ from CLAIM_PORT")
+        if not 0 < self.body_timeout_s <= 3600:
+            raise ConfigError("CLAIM_BODY_TIMEOUT_S must be a number of seconds in (0, 3600]")
+        if self.max_connections < 16:
+            raise ConfigError("CLAIM_MAX_CONNECTIONS must be at least 16")
         if self.batch_max < 1 or self.writer_batch < 1:
             raise ConfigError("batch sizes must be at least 1")
         parse_key(self.codes_key)
@@ -98,6 +110,21 @@ class Settings:
             found.append("CLAIM_CODES_KEY")
         return found
 
+    def exposure(self, listeners: Iterable[str]) -> list[str]:
+        """Why a process with these listeners is not purely local (empty when it is): a
+        listener off loopback, or Redis/PostgreSQL on another machine (shared data is
+        sealed with ``CLAIM_CODES_KEY``)."""
+        reasons = [
+            f"listening on {host or 'every interface'}"
+            for host in listeners
+            if not is_loopback(host)
+        ]
+        servers = (("CLAIM_REDIS_URL", self.redis_url), ("CLAIM_DATABASE_URL", self.database_url))
+        for name, url in servers:
+            if url and not url_is_local(url):
+                reasons.append(f"{name} points at another machine")
+        return reasons
+
     def require_urls(self) -> tuple[str, str]:
         if not self.redis_url or not self.database_url:
             raise ConfigError(
@@ -107,15 +134,41 @@ class Settings:
         return self.redis_url, self.database_url
 
 
+def is_loopback(host: str | None) -> bool:
+    """True for a host that only this machine can reach (``""`` means every interface)."""
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def url_is_local(url: str) -> bool:
+    """True when a Redis or PostgreSQL URL names this machine (loopback or a Unix socket)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        return False
+    if parts.scheme == "unix" or host is None:
+        return True  # a Unix socket (or the driver's local default)
+    return is_loopback(host)
+
+
 def _coerce(name: str, type_: Any, raw: str) -> Any:
     type_name = type_ if isinstance(type_, str) else getattr(type_, "__name__", str(type_))
     try:
         if type_name == "int":
             return int(raw)
+        if type_name == "float":
+            return float(raw)
         if type_name == "Path":
             return Path(raw)
     except ValueError as exc:
-        raise ConfigError(f"CLAIM_{name.upper()}: expected an integer, got {raw!r}") from exc
+        raise ConfigError(f"CLAIM_{name.upper()}: expected a number, got {raw!r}") from exc
     if name == "jwt_public_key" and not raw.lstrip().startswith("-----"):
         # Allow pointing at a PEM file instead of inlining it.
         path = Path(raw)

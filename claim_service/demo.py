@@ -86,6 +86,8 @@ def _spawn(args: list[str], settings: Settings, logfile: Path) -> subprocess.Pop
             "CLAIM_DATABASE_URL": settings.database_url or "",
             "CLAIM_PORT": str(settings.port),
             "CLAIM_HOST": "127.0.0.1",
+            "CLAIM_ADMIN_PORT": str(settings.admin_port),
+            "CLAIM_ADMIN_HOST": "127.0.0.1",
             "CLAIM_JWT_SECRET": settings.jwt_secret,
             "CLAIM_ADMIN_TOKEN": settings.admin_token,
             "CLAIM_TIMEZONE": settings.timezone,
@@ -104,7 +106,7 @@ def _spawn(args: list[str], settings: Settings, logfile: Path) -> subprocess.Pop
 def run_demo(settings: Settings, options: DemoOptions) -> int:
     import uvloop
 
-    settings = replace(settings, port=free_port())
+    settings = replace(settings, port=free_port(), admin_port=free_port())
     with _servers(settings) as live:
         return uvloop.run(_demo(live, options))
 
@@ -119,11 +121,13 @@ async def _demo(settings: Settings, options: DemoOptions) -> int:
     logfile = Path(tempfile.gettempdir()) / "claim-service-demo.log"
     logfile.unlink(missing_ok=True)
     base = f"http://127.0.0.1:{settings.port}"
+    admin_base = f"http://127.0.0.1:{settings.admin_port}"
     sim_url = f"http://127.0.0.1:{free_port()}"
+    # A throw-away stack on this machine: the public development secrets are fine here.
     procs = [
-        _spawn(["serve"], settings, logfile),
+        _spawn(["serve", "--insecure-dev"], settings, logfile),
         _spawn(["writer"], settings, logfile),
-        _spawn(["fulfil"], settings, logfile),
+        _spawn(["fulfil", "--insecure-dev"], settings, logfile),
         _spawn(demo_fulfilment.sim_args(int(sim_url.rsplit(":", 1)[1]), base), settings,
                logfile),
     ]  # fmt: skip
@@ -137,9 +141,9 @@ async def _demo(settings: Settings, options: DemoOptions) -> int:
             await _wait_ready(http, sim_url + "/stats", procs, logfile)
             benefit_id = f"video-{datetime.now():%H%M%S}"
             opens = datetime.now(settings.tz) + timedelta(seconds=OPENS_IN_S)
-            await _setup(http, base, settings, benefit_id, opens, options)
-            await demo_fulfilment.setup_fulfilment(http, base, settings, benefit_id, sim_url,
-                                                   options.codes)  # fmt: skip
+            await _setup(http, admin_base, settings, benefit_id, opens, options)
+            await demo_fulfilment.setup_fulfilment(http, admin_base, settings, benefit_id,
+                                                   sim_url, options.codes)  # fmt: skip
             stats = await _burst(http, base, settings, benefit_id, opens, options)
             checks = await _report(pool, redis, settings, benefit_id, stats, options)
             settle_s = await demo_fulfilment.wait_settled(pool, benefit_id)
@@ -192,7 +196,7 @@ def tier_of(member: int, seed: int) -> int:
 
 async def _setup(
     http: aiohttp.ClientSession,
-    base: str,
+    admin_base: str,
     settings: Settings,
     benefit_id: str,
     opens: datetime,
@@ -224,7 +228,7 @@ async def _setup(
         ],
     }
     async with http.put(
-        f"{base}/admin/v1/benefits/{benefit_id}", json=benefit, headers=admin
+        f"{admin_base}/admin/v1/benefits/{benefit_id}", json=benefit, headers=admin
     ) as resp:
         resp.raise_for_status()
     period = periods.current_period(settings.tz)
@@ -233,7 +237,9 @@ async def _setup(
     ]
     for start in range(0, len(tiers), 5000):
         async with http.put(
-            f"{base}/admin/v1/tiers/{period}", json=tiers[start : start + 5000], headers=admin
+            f"{admin_base}/admin/v1/tiers/{period}",
+            json=tiers[start : start + 5000],
+            headers=admin,
         ) as resp:
             resp.raise_for_status()
     levels = [int(t["tier"]) for t in tiers]

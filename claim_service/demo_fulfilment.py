@@ -34,7 +34,7 @@ def sim_args(port: int, api_base: str) -> list[str]:
 
 async def setup_fulfilment(
     http: aiohttp.ClientSession,
-    base: str,
+    admin_base: str,
     settings: Settings,
     benefit_id: str,
     sim_url: str,
@@ -43,14 +43,14 @@ async def setup_fulfilment(
     admin = {"Authorization": f"Bearer {settings.admin_token}"}
     partner = {"base_url": sim_url, "secret": PARTNER_SECRET, "timeout_s": 1.0,
                "max_in_flight": 64, "max_attempts": 12}  # fmt: skip
-    async with http.put(f"{base}/admin/v1/partners/{PARTNER_ID}", json=partner,
+    async with http.put(f"{admin_base}/admin/v1/partners/{PARTNER_ID}", json=partner,
                         headers=admin) as resp:  # fmt: skip
         resp.raise_for_status()
     batch = 5000
     for start in range(0, codes, batch):
         chunk = [{"code": f"YK-{benefit_id}-{i:07d}", "secret": f"{(i * 7919) % 1000000:06d}"}
                  for i in range(start, min(start + batch, codes))]  # fmt: skip
-        async with http.post(f"{base}/admin/v1/benefits/{benefit_id}/options/youku/codes",
+        async with http.post(f"{admin_base}/admin/v1/benefits/{benefit_id}/options/youku/codes",
                              json=chunk, headers=admin) as resp:  # fmt: skip
             resp.raise_for_status()
     print(f"partner {PARTNER_ID} (simulated: 10% errors, 3% timeouts, 30% answered later "

@@ -103,6 +103,7 @@ class Span:
 
     period: str
     previous: str | None
+    tiers_period: str
     start_ms: int
     end_ms: int
     opens: datetime
@@ -222,17 +223,19 @@ class ClaimEngine:
 
     def span(self, benefit: Benefit, redis_ms: int) -> Span:
         """What ``claim.lua`` needs to decide for ``benefit`` at ``redis_ms``."""
+        month = self.calendar.period_at(redis_ms)
         if benefit.release.fixed_period:
             period = benefit.release.period_at(self.now(), self.tz)
             previous, start, end = None, 0, 0
         else:
-            period = self.calendar.period_at(redis_ms)
+            period = month
             previous = periods.previous_period(period)
             start, end = self.calendar.bounds_ms(period)
         opens, closes = self.window(benefit, period)
         return Span(
             period,
             previous,
+            month,
             start,
             end,
             opens,
@@ -329,7 +332,7 @@ class ClaimEngine:
             sent_at = time.time()
             try:
                 raw = await self.scripts.claim(
-                    keys=keys.claim_keys(span.period, span.previous), args=argv
+                    keys=keys.claim_keys(span.period, span.previous, span.tiers_period), args=argv
                 )
             except RedisError as exc:
                 raise BackendUnavailable("Redis is unavailable") from exc
@@ -416,19 +419,19 @@ class ClaimEngine:
                 if benefit is not None:
                     benefits.append(benefit)
             async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hget(tiers_key(periods.period_of(now, self.tz)), user_id)
                 for benefit in benefits:
                     period = benefit.release.period_at(now, self.tz)
                     keys = BenefitKeys(benefit.benefit_id)
-                    pipe.hget(tiers_key(period), user_id)
                     pipe.hmget(keys.stock(period), ["added", "taken"])
                     pipe.hget(keys.used(period), user_id)
                 results = await pipe.execute()
         except RedisError as exc:
             raise BackendUnavailable("Redis is unavailable") from exc
+        tier = int(results[0]) if results[0] is not None else 0
         views = []
         for i, benefit in enumerate(benefits):
-            tier_raw, (added, taken), used = results[3 * i : 3 * i + 3]
-            tier = int(tier_raw) if tier_raw is not None else 0
+            (added, taken), used = results[1 + 2 * i : 3 + 2 * i]
             period = benefit.release.period_at(now, self.tz)
             stock_left = benefit.stock_per_period + int(added or 0) - int(taken or 0)
             views.append(self._view(benefit, period, now, tier, int(used or 0), max(stock_left, 0)))

@@ -112,16 +112,17 @@ class BenefitKeys:
     def idempotency(self, period: str) -> str:
         return f"{PREFIX}:{self.tag}:idem:{period}"
 
-    def claim_keys(self, period: str, previous: str | None) -> list[str]:
+    def claim_keys(self, period: str, previous: str | None, tiers_period: str) -> list[str]:
         """KEYS for ``claim.lua``, in the order the script expects. ``previous`` is the period
-        whose idempotency keys a retry may still match (none for a one-off release)."""
+        whose idempotency keys a retry may still match (none for a one-off release);
+        ``tiers_period`` the month whose tier snapshot applies (the current one)."""
         return [
             self.config,
             self.stock(period),
             self.used(period),
             self.idempotency(period),
             self.stream,
-            tiers_key(period),
+            tiers_key(tiers_period),
             self.pending,
             self.codes,
             self.code_expiries,

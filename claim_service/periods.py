@@ -14,7 +14,10 @@ PERIOD_RE = re.compile(r"^([0-9]{4})-(0[1-9]|1[0-2])\Z")
 
 
 def period_of(moment: datetime, tz: ZoneInfo) -> str:
-    local = moment.astimezone(tz)
+    try:
+        local = moment.astimezone(tz)
+    except OverflowError:  # year 1 or 9999 seen from another zone: keep its own date
+        local = moment
     return f"{local.year:04d}-{local.month:02d}"
 
 

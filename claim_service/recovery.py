@@ -147,9 +147,10 @@ class Recovery:
             return False
         keys = BenefitKeys(benefit_id)
         await push_benefit(self.redis, benefit)
-        period = claim_period(benefit, self.calendar, await redis_now_ms(self.redis))
+        now_ms = await redis_now_ms(self.redis)
+        period = claim_period(benefit, self.calendar, now_ms)
         previous = None if benefit.release.fixed_period else periods.previous_period(period)
-        await self.ensure_tiers(period)
+        await self.ensure_tiers(self.calendar.period_at(now_ms))
         # The stream first, then PostgreSQL: an entry persisted in between is seen twice
         # (and counted once), never missed.
         in_stream = await _stream_claims(self.redis, keys.stream)
@@ -349,9 +350,10 @@ class Recovery:
         while not stop.is_set():
             try:
                 if not await is_live(self.redis, CATALOGUE_LIVE_KEY):
-                    log.warning("Redis is new to this catalogue; recovering every benefit")
+                    log.info("Redis is new to this catalogue; recovering every benefit")
                     report = await self.ensure_all()
-                    log.warning("recovered %d benefit(s)", report.benefits)
+                    if report.benefits:
+                        log.warning("Redis was new: recovered %d benefit(s)", report.benefits)
                 await self.ensure_tiers(self.calendar.period_at(await redis_now_ms(self.redis)))
                 if loop.time() - checked_lag_at >= lag_check_every_s:
                     checked_lag_at = loop.time()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
 from collections.abc import Mapping
 
@@ -16,6 +17,8 @@ TIMESTAMP_HEADER = "X-Claim-Timestamp"
 SIGNATURE_HEADER = "X-Claim-Signature"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 MAX_SKEW_S = 300
+SIGNATURE_CHARS = 64
+HEX_RE = re.compile(r"[0-9a-f]+\Z")
 
 
 class SignatureError(ValueError):
@@ -36,8 +39,12 @@ def signed_headers(secret: str, body: bytes, now: float | None = None) -> dict[s
     }
 
 
-def verify(secret: str, headers: Mapping[str, str], body: bytes, now: float | None = None) -> None:
-    """Raise ``SignatureError`` unless ``headers`` carry a fresh, valid signature of ``body``."""
+def signature_headers(headers: Mapping[str, str], now: float | None = None) -> tuple[int, str]:
+    """The timestamp and signature of a request, checked for shape and freshness only.
+
+    Needs neither the body nor the secret, so a forged or stale request is refused before
+    either is read. Raises ``SignatureError``.
+    """
     raw_ts = headers.get(TIMESTAMP_HEADER)
     signature = headers.get(SIGNATURE_HEADER)
     if not raw_ts or not signature:
@@ -48,6 +55,20 @@ def verify(secret: str, headers: Mapping[str, str], body: bytes, now: float | No
     current = time.time() if now is None else now
     if abs(current - timestamp) > MAX_SKEW_S:
         raise SignatureError("timestamp outside the allowed window")
-    expected = sign(secret, timestamp, body)
-    if not hmac.compare_digest(expected, signature.strip().lower()):
+    signature = signature.strip().lower()
+    # compare_digest refuses non-ASCII text with a TypeError: check the shape first.
+    if len(signature) != SIGNATURE_CHARS or not HEX_RE.match(signature):
+        raise SignatureError("signature is not a hex HMAC-SHA256")
+    return timestamp, signature
+
+
+def check_signature(secret: str, timestamp: int, body: bytes, signature: str) -> None:
+    """Raise ``SignatureError`` unless ``signature`` (from ``signature_headers``) signs ``body``."""
+    if not hmac.compare_digest(sign(secret, timestamp, body).encode(), signature.encode()):
         raise SignatureError("bad signature")
+
+
+def verify(secret: str, headers: Mapping[str, str], body: bytes, now: float | None = None) -> None:
+    """Raise ``SignatureError`` unless ``headers`` carry a fresh, valid signature of ``body``."""
+    timestamp, signature = signature_headers(headers, now)
+    check_signature(secret, timestamp, body, signature)

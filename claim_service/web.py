@@ -1,7 +1,13 @@
-"""The aiohttp application: state under typed keys, JSON errors, pools in ``cleanup_ctx``."""
+"""The aiohttp applications: state under typed keys, JSON errors, pools in ``cleanup_ctx``.
+
+Two applications share one set of pools: the member-facing one (claims, the catalogue,
+partner callbacks, health, the OpenAPI document) and the ops one on its own listener
+(``/admin``, ``/metrics``, health), loopback-only by default.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -22,7 +28,9 @@ from claim_service.errors import (
     NotFoundError,
     ValidationError,
 )
-from claim_service.vault import Vault
+from claim_service.http_server import RequestBodyTimeout
+from claim_service.recovery import Recovery
+from claim_service.vault import Vault, VaultError
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +43,21 @@ VAULT = web.AppKey("vault", Vault)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+# Bearer tokens may be up to 8192 characters (``auth.MAX_TOKEN_BYTES``): aiohttp's default
+# header limit (8190 bytes) would refuse the longest before we can answer 401.
+HANDLER_ARGS = {"max_field_size": 16384}
+
+MESSAGES = {
+    408: "the request body did not arrive in time",
+    413: "request body is too large",
+}
 STATUS_CODES = {
     400: "invalid_request",
     401: "unauthorized",
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     413: "payload_too_large",
     415: "unsupported_media_type",
 }
@@ -63,11 +80,21 @@ def error_response(status: int, code: str, message: str, **extra: Any) -> web.Re
     return json_response({"error": code, "message": message, **extra}, status, headers)
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The whole body; 413 as soon as it passes ``limit`` bytes (chunked bodies included)."""
+class ClientDisconnected(Exception):
+    """The client closed its connection before sending the whole body."""
+
+
+def check_length(request: web.Request, limit: int) -> None:
+    """413 from the declared ``Content-Length`` alone, before any of the body is read."""
     length = request.content_length
     if length is not None and length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=length)
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body; 413 as soon as it passes ``limit`` bytes (chunked bodies included),
+    408 when it did not arrive within ``CLAIM_BODY_TIMEOUT_S`` (see ``http_server``)."""
+    check_length(request, limit)
     chunks: list[bytes] = []
     size = 0
     # StreamReader.read(n) returns whatever is buffered, so read until EOF.
@@ -79,6 +106,10 @@ async def read_body(request: web.Request, limit: int) -> bytes:
             chunks.append(chunk)
     except web.RequestPayloadError as exc:  # bad gzip/deflate, unsupported Content-Encoding
         raise ValidationError("request body could not be decoded") from exc
+    except RequestBodyTimeout as exc:
+        raise web.HTTPRequestTimeout() from exc
+    except ConnectionError as exc:  # gone mid-body: the client's doing, not a backend's
+        raise ClientDisconnected() from exc
     return b"".join(chunks)
 
 
@@ -118,10 +149,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         code = STATUS_CODES.get(exc.status, "error")
-        message = exc.reason if exc.status != 413 else "request body is too large"
+        message = MESSAGES.get(exc.status, exc.reason)
         response = error_response(exc.status, code, message)
         if "Allow" in exc.headers:  # a 405 must say which methods are allowed
             response.headers["Allow"] = exc.headers["Allow"]
+        if exc.status == 408:
+            response.force_close()  # the rest of that body is not worth waiting for
         return response
     except ValidationError as exc:
         extra = {"field": exc.field} if exc.field else {}
@@ -132,9 +165,21 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(404, exc.code, str(exc))
     except ConflictError as exc:
         return error_response(409, exc.code, str(exc))
+    except ClientDisconnected:
+        log.debug("client closed the connection mid-body on %s %s", request.method, request.path)
+        return error_response(400, "invalid_request", "the request body was not sent whole")
     except BackendUnavailable as exc:
         log.warning("backend unavailable: %s (%s)", exc, exc.__cause__)
         return error_response(503, "unavailable", str(exc))
+    except VaultError:
+        # Not the client's fault, and no retry will fix it: ops must look at the key.
+        log.error(
+            "a stored code or partner secret cannot be decrypted on %s %s: CLAIM_CODES_KEY is "
+            "probably not the key the data was sealed with",
+            request.method,
+            request.path,
+        )
+        return error_response(503, "unavailable", "a stored secret cannot be read; retry later")
     except (RedisError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
         log.warning("backend error on %s %s: %r", request.method, request.path, exc)
         return error_response(503, "unavailable", "a backing service is unavailable; retry")
@@ -143,38 +188,18 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(500, "internal", "internal error")
 
 
-async def warm_if_empty(redis: Redis, pg: asyncpg.Pool, settings: Settings) -> None:
-    """A Redis that came back empty is rebuilt from PostgreSQL before serving claims."""
-    from claim_service import periods
-    from claim_service.catalogue_store import warm
-    from claim_service.keyspace import CATALOGUE_KEY
-
-    if await redis.exists(CATALOGUE_KEY):
-        return
-    if not await pg.fetchval("SELECT EXISTS (SELECT 1 FROM benefits)"):
-        return  # a new installation: nothing to restore
-    period = periods.current_period(settings.tz)
-    log.warning("Redis holds no catalogue; warming it from PostgreSQL for %s", period)
-    report = await warm(pg, redis, settings.tz, [period])
-    log.warning(
-        "warmed %d benefit(s), %d tier row(s), %d counter(s)",
-        report.benefits_pushed,
-        report.tiers_loaded,
-        report.counters_restored,
-    )
-
-
 def create_app(
     settings: Settings, *, pools: tuple[Redis, asyncpg.Pool] | None = None
 ) -> web.Application:
-    """The whole HTTP service. ``pools`` lets tests share clients; otherwise they are opened
-    from the settings' URLs in ``cleanup_ctx`` and closed on shutdown."""
-    from claim_service import admin_api, api, fulfilment_api
+    """The member-facing service (``CLAIM_HOST:CLAIM_PORT``). ``pools`` lets tests share
+    clients; otherwise they are opened from the settings' URLs in ``cleanup_ctx`` and closed
+    on shutdown. ``create_admin_app`` serves ops from the same pools."""
+    from claim_service import api, fulfilment_api
 
     app = web.Application(
         middlewares=[error_middleware],
-        client_max_size=settings.admin_max_body_bytes,
-        handler_args={"max_field_size": 16384},
+        client_max_size=settings.max_body_bytes,
+        handler_args=HANDLER_ARGS,
     )
     app[SETTINGS] = settings
     app[VERIFIER] = TokenVerifier(settings)
@@ -187,11 +212,16 @@ def create_app(
             redis_url, database_url = settings.require_urls()
             redis = await create_redis(redis_url, max_connections=256)
             pg = await create_pg_pool(database_url, max_size=10)
-            await warm_if_empty(redis, pg, settings)
         app[REDIS] = redis
         app[PG] = pg
-        app[ENGINE] = ClaimEngine(redis, settings)
+        app[ENGINE] = ClaimEngine(redis, settings, pool=pg)
+        # Recovers what a new (restarted, replaced, promoted) Redis lacks, and repairs one
+        # found behind PostgreSQL, while serving.
+        stop_watch = asyncio.Event()
+        watch = asyncio.create_task(Recovery(pg, redis, settings).watch(stop_watch))
         yield
+        stop_watch.set()
+        await watch
         await app[ENGINE].drain()
         if pools is None:
             await pg.close()
@@ -199,6 +229,44 @@ def create_app(
 
     app.cleanup_ctx.append(resources)
     api.add_routes(app)
-    admin_api.add_routes(app)
     fulfilment_api.add_routes(app)
     return app
+
+
+def create_admin_app(settings: Settings, member: web.Application) -> web.Application:
+    """The ops service (``CLAIM_ADMIN_HOST:CLAIM_ADMIN_PORT``): ``/admin``, ``/metrics`` and
+    health. It serves from ``member``'s pools and engine, so ``member`` starts first and stops
+    last."""
+    from claim_service import admin_api, api, fulfilment_api
+
+    app = web.Application(
+        middlewares=[error_middleware],
+        client_max_size=settings.admin_max_body_bytes,
+        handler_args=HANDLER_ARGS,
+    )
+    app[SETTINGS] = member[SETTINGS]
+    app[VERIFIER] = member[VERIFIER]
+    app[VAULT] = member[VAULT]
+    app[fulfilment_api.PARTNERS] = member[fulfilment_api.PARTNERS]
+
+    async def shared(app: web.Application) -> AsyncIterator[None]:
+        if REDIS not in member:
+            raise RuntimeError("start the member application before the admin one")
+        app[REDIS] = member[REDIS]
+        app[PG] = member[PG]
+        app[ENGINE] = member[ENGINE]
+        yield
+
+    app.cleanup_ctx.append(shared)
+    admin_api.add_routes(app)
+    fulfilment_api.add_admin_routes(app)
+    api.add_ops_routes(app)
+    return app
+
+
+def create_apps(
+    settings: Settings, *, pools: tuple[Redis, asyncpg.Pool] | None = None
+) -> tuple[web.Application, web.Application]:
+    """The member and admin applications over one set of pools (start them in this order)."""
+    member = create_app(settings, pools=pools)
+    return member, create_admin_app(settings, member)

@@ -14,18 +14,22 @@ from typing import Any
 
 import asyncpg
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.web_runner import BaseRunner
 from redis.asyncio import Redis
+from yarl import URL
 
 from claim_service.auth import mint_token
 from claim_service.config import Settings
 from claim_service.connections import create_pg_pool, create_redis, migrate
 from claim_service.embedded import EmbeddedServers
-from claim_service.web import create_app
+from claim_service.http_server import Guard, ServiceRunner
+from claim_service.web import create_apps
 
 TABLES = (
-    "anomalies, claims, claim_events, voucher_codes, partners, tiers, stock_additions, benefit_options, "
-    "benefits"
+    "anomalies, claims, claim_events, voucher_codes, partners, tiers, stock_additions, "
+    "benefit_options, benefits"
 )
 
 
@@ -73,12 +77,62 @@ async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
     await pg.close()
 
 
+class ServiceTestServer(TestServer):
+    """A test server run as ``serve`` runs its listeners (guarded connections, handlers not
+    cancelled when their client goes away)."""
+
+    def __init__(self, app: web.Application, guard: Guard) -> None:
+        super().__init__(app)
+        self.guard = guard
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        kwargs["handler_cancellation"] = False
+        return ServiceRunner(self.app, self.guard, **kwargs)
+
+
+def is_admin_path(path: str) -> bool:
+    return path == "/metrics" or path == "/admin" or path.startswith(("/admin/", "/admin?"))
+
+
+class ServiceClient(TestClient[Any, Any]):
+    """The member and admin listeners behind one client: each request goes to the listener
+    that serves its path under ``serve`` (``/admin…`` and ``/metrics`` to the admin one)."""
+
+    def __init__(self, member: web.Application, admin: web.Application, guard: Guard) -> None:
+        super().__init__(ServiceTestServer(member, guard))
+        self.admin = TestClient(ServiceTestServer(admin, guard))
+
+    @property
+    def admin_app(self) -> web.Application:
+        return self.admin.app
+
+    def server_for(self, path: str) -> TestServer:
+        """The test server of the listener that serves ``path``."""
+        chosen = self.admin.server if is_admin_path(path) else self.server
+        assert isinstance(chosen, TestServer)
+        return chosen
+
+    def make_url(self, path: Any) -> URL:
+        url = URL(path)
+        if url.is_absolute():
+            return url
+        return self.server_for(url.path).make_url(path)
+
+    async def start_server(self) -> None:
+        await super().start_server()  # the member listener owns the pools: first up
+        await self.admin.start_server()
+
+    async def close(self) -> None:
+        await self.admin.close()
+        await super().close()
+
+
 @pytest.fixture
 async def client(
     settings: Settings, redis: Redis, pool: asyncpg.Pool
 ) -> AsyncIterator[TestClient[Any, Any]]:
-    app = create_app(settings, pools=(redis, pool))
-    async with TestClient(TestServer(app)) as test_client:
+    member, admin = create_apps(settings, pools=(redis, pool))
+    async with ServiceClient(member, admin, Guard.for_process(settings)) as test_client:
         yield test_client
 
 

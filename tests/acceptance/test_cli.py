@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import asyncpg
@@ -14,6 +16,7 @@ from claim_service import catalogue_store, periods
 from claim_service.auth import TokenVerifier
 from claim_service.catalogue import parse_benefit
 from claim_service.config import Settings
+from claim_service.embedded import free_port
 from claim_service.keyspace import BenefitKeys, tiers_key
 from claim_service.recovery import Recovery
 from tests.conftest import benefit_body
@@ -90,3 +93,75 @@ async def test_load_codes_migrate_warm_and_token(
     token = cli(settings, "token", "m42", "--ttl", "60")
     assert TokenVerifier(settings).verify(token.stdout.strip()) == "m42"
     assert cli(settings, "token", "bad\x01id").returncode == 2
+
+
+# -- closed by default ------------------------------------------------------------------------
+
+
+def start(settings: Settings, *args: str, **env: str) -> subprocess.Popen[str]:
+    full_env = {
+        **os.environ,
+        "CLAIM_REDIS_URL": settings.redis_url or "",
+        "CLAIM_DATABASE_URL": settings.database_url or "",
+        **env,
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "claim_service", *args],
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def refused(proc: subprocess.Popen[str]) -> str:
+    """The stderr of a command that must exit at once, refusing to start."""
+    try:
+        _, stderr = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise AssertionError("it started instead of refusing") from None
+    assert proc.returncode == 2, stderr
+    return stderr
+
+
+def serves(proc: subprocess.Popen[str], port: int) -> None:
+    """The command is up and answers on ``port``; then it is stopped."""
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()[1]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError("it did not start")
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+
+
+def test_public_dev_secrets_are_refused_unless_everything_is_local(settings: Settings) -> None:
+    port, admin_port = free_port(), free_port()
+    ports = ["--port", str(port), "--admin-port", str(admin_port)]
+    stderr = refused(start(settings, "serve", "--host", "0.0.0.0", *ports))
+    for name in ("CLAIM_JWT_SECRET", "CLAIM_ADMIN_TOKEN", "CLAIM_CODES_KEY", "--insecure-dev"):
+        assert name in stderr
+    assert "0.0.0.0" in stderr
+    refused(start(settings, "serve", "--admin-host", "0.0.0.0", *ports))
+    # The codes key protects data in a shared database: fulfil needs it on a shared one.
+    remote_db = {"CLAIM_DATABASE_URL": "postgresql://claims@192.0.2.1:5432/claims"}
+    assert "CLAIM_CODES_KEY" in refused(start(settings, "fulfil", **remote_db))
+
+    # Loopback only, explicitly insecure, or real secrets: it starts.
+    if not settings.exposure([]):  # the test servers are on this machine
+        serves(start(settings, "serve", *ports), port)
+    serves(start(settings, "serve", "--host", "0.0.0.0", "--insecure-dev", *ports), port)
+    secrets = {
+        "CLAIM_JWT_SECRET": "a-real-secret-for-this-test-" + "x" * 16,
+        "CLAIM_ADMIN_TOKEN": "a-real-admin-token-for-this-test",
+        "CLAIM_CODES_KEY": "00" * 32,
+    }
+    serves(start(settings, "serve", "--host", "0.0.0.0", *ports, **secrets), port)

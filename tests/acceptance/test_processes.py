@@ -1,15 +1,19 @@
-"""The real commands as separate processes: a killed writer, a multi-worker server."""
+"""The real commands as separate processes: a killed writer, a multi-worker server that
+supervises its workers and merges their metrics."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -43,14 +47,76 @@ def spawn(settings: Settings, args: list[str], log: Path, **env: str) -> subproc
     )
 
 
+@dataclass(frozen=True)
+class Listeners:
+    """The two ports of a ``serve`` process."""
+
+    port: int
+    admin_port: int
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+
+def spawn_serve(
+    settings: Settings, log: Path, *args: str, **env: str
+) -> tuple[subprocess.Popen[bytes], Listeners]:
+    """``serve`` on two free ports; the tests' servers are throw-away (``--insecure-dev``)."""
+    ports = Listeners(free_port(), free_port())
+    command = ["serve", "--insecure-dev", "--port", str(ports.port)]
+    command += ["--admin-port", str(ports.admin_port), *args]
+    return spawn(settings, command, log, **env), ports
+
+
+async def wait_ready(http: aiohttp.ClientSession, *urls: str, within: float = 30.0) -> None:
+    async def ready() -> bool:
+        try:
+            for url in urls:
+                async with http.get(url + "/readyz") as resp:
+                    if resp.status != 200:
+                        return False
+            return True
+        except aiohttp.ClientError:
+            return False
+
+    await wait_for(ready, within)
+
+
+def workers_of(parent: int) -> set[int]:
+    """Live worker processes of a ``serve --workers N`` parent."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == parent and fields[0] != "Z" and b"spawn_main" in cmdline:
+            found.add(int(entry.name))
+    return found
+
+
 @pytest.fixture
 def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
     started: list[subprocess.Popen[bytes]] = []
     yield started
     for proc in started:
         if proc.poll() is None:
+            proc.terminate()  # a graceful stop cleans up after itself
+    for proc in started:
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
             proc.kill()
-        proc.wait(10)
+            proc.wait(10)
 
 
 async def wait_for(
@@ -72,7 +138,7 @@ async def accepted_backlog(
     benefit = parse_benefit("video", benefit_body(stock=total, quota=1), settings.tz)
     await catalogue_store.push_benefit(redis, await catalogue_store.save_benefit(pool, benefit))
     await save_tiers(pool, redis, period, [(f"u{i}", 5) for i in range(total)])
-    engine = ClaimEngine(redis, settings)
+    engine = ClaimEngine(redis, settings, pool=pool)
     for start in range(0, total, 1000):
         decisions = await asyncio.gather(
             *(
@@ -140,25 +206,17 @@ async def test_multi_worker_server_burst(
     procs: list[subprocess.Popen[bytes]],
     tmp_path: Path,
 ) -> None:
-    port = free_port()
     log = tmp_path / "serve.log"
-    procs.append(spawn(settings, ["serve", "--workers", "2", "--port", str(port)], log))
+    server, ports = spawn_serve(settings, log, "--workers", "2")
+    procs.append(server)
     procs.append(spawn(settings, ["writer"], log, CLAIM_WRITER_BLOCK_MS="100"))
-    base = f"http://127.0.0.1:{port}"
+    base = ports.base
     stock = 500
     tiers = {f"m{i}": (3 if i % 5 == 0 else 5 if i % 5 < 3 else 9) for i in range(1200)}
     async with aiohttp.ClientSession() as http:
-
-        async def ready() -> bool:
-            try:
-                async with http.get(base + "/readyz") as resp:
-                    return resp.status == 200
-            except aiohttp.ClientError:
-                return False
-
-        await wait_for(ready)
+        await wait_ready(http, base, ports.admin)
         async with http.put(
-            f"{base}/admin/v1/benefits/video",
+            f"{ports.admin}/admin/v1/benefits/video",
             headers=admin(settings),
             json=benefit_body(stock=stock),
         ) as resp:
@@ -166,7 +224,7 @@ async def test_multi_worker_server_burst(
         period = periods.current_period(settings.tz)
         snapshot = [{"user_id": u, "tier": t} for u, t in tiers.items()]
         async with http.put(
-            f"{base}/admin/v1/tiers/{period}", headers=admin(settings), json=snapshot
+            f"{ports.admin}/admin/v1/tiers/{period}", headers=admin(settings), json=snapshot
         ) as resp:
             assert resp.status == 200
         codes: Counter[str] = Counter()
@@ -264,3 +322,146 @@ async def test_a_named_writer_restarted_resumes_its_own_pending_entries_at_once(
 
     await wait_for(done, within=30)
     assert (await redis.xpending(stream, WRITER_GROUP))["pending"] == 0
+
+
+# -- serve --workers N: one set of books, supervised workers --------------------------------
+
+
+def metric(scrape: str, name: str, labels: str = "") -> float:
+    """A sample's value in a Prometheus text scrape (0 when absent)."""
+    prefix = f"{name}{{{labels}}} " if labels else f"{name} "
+    for line in scrape.splitlines():
+        if line.startswith(prefix):
+            return float(line.split()[-1])
+    return 0.0
+
+
+async def open_video(http: aiohttp.ClientSession, settings: Settings, ports: Listeners) -> None:
+    """Benefit ``video`` open now, and members m0..m999 at tier 5."""
+    async with http.put(
+        f"{ports.admin}/admin/v1/benefits/video",
+        headers=admin(settings),
+        json=benefit_body(stock=1000),
+    ) as resp:
+        assert resp.status == 201, await resp.text()
+    period = periods.current_period(settings.tz)
+    snapshot = [{"user_id": f"m{i}", "tier": 5} for i in range(1000)]
+    async with http.put(
+        f"{ports.admin}/admin/v1/tiers/{period}", headers=admin(settings), json=snapshot
+    ) as resp:
+        assert resp.status == 200, await resp.text()
+
+
+async def claim_each_on_a_new_connection(
+    settings: Settings, ports: Listeners, members: range
+) -> None:
+    """One claim per member, each on its own connection: ``SO_REUSEPORT`` spreads
+    connections, not requests, over the workers."""
+    fresh = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=fresh) as http:
+        for i in members:
+            async with http.post(
+                f"{ports.base}/v1/benefits/video/claims",
+                headers={"Authorization": "Bearer " + mint_token(settings, f"m{i}")},
+                json={"request_id": "r", "option_id": "iqiyi"},
+            ) as resp:
+                assert resp.status == 202, await resp.text()
+
+
+async def scrape(ports: Listeners) -> str:
+    """``/metrics`` on a new connection (so any worker may answer it)."""
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http,
+        http.get(ports.admin + "/metrics") as resp,
+    ):
+        assert resp.status == 200
+        return await resp.text()
+
+
+async def test_one_scrape_counts_the_claims_of_every_worker(
+    settings: Settings,
+    redis: Redis,
+    pool: asyncpg.Pool,
+    procs: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    server, ports = spawn_serve(settings, tmp_path / "serve.log", "--workers", "2")
+    procs.append(server)
+    async with aiohttp.ClientSession() as http:
+        await wait_ready(http, ports.base, ports.admin)
+        await open_video(http, settings, ports)
+    await claim_each_on_a_new_connection(settings, ports, range(40))
+    # Whichever worker answers the scrape, it reports both workers' claims.
+    for _ in range(8):
+        assert metric(await scrape(ports), "claim_decisions_total", 'outcome="ok"') == 40
+
+
+async def test_workers_do_not_outlive_a_killed_serve(
+    settings: Settings, procs: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    server, ports = spawn_serve(settings, tmp_path / "serve.log", "--workers", "2")
+    procs.append(server)
+    async with aiohttp.ClientSession() as http:
+        await wait_ready(http, ports.base, ports.admin)
+    workers = workers_of(server.pid)
+    assert len(workers) == 2
+    server.send_signal(signal.SIGKILL)
+    server.wait(10)
+
+    async def gone() -> bool:
+        return not any(_running(pid) for pid in workers)
+
+    await wait_for(gone, within=20)  # no worker outlives the serve process that started it
+    for port in (ports.port, ports.admin_port):
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+async def test_a_dead_worker_is_restarted_and_its_counts_kept(
+    settings: Settings,
+    redis: Redis,
+    pool: asyncpg.Pool,
+    procs: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "serve.log"
+    server, ports = spawn_serve(settings, log, "--workers", "2")
+    procs.append(server)
+    async with aiohttp.ClientSession() as http:
+        await wait_ready(http, ports.base, ports.admin)
+        await open_video(http, settings, ports)
+    await claim_each_on_a_new_connection(settings, ports, range(20))
+    first = workers_of(server.pid)
+    assert len(first) == 2
+    victim = min(first)
+    os.kill(victim, signal.SIGKILL)
+
+    async def replaced() -> bool:
+        now = workers_of(server.pid)
+        return len(now) == 2 and victim not in now
+
+    await wait_for(replaced, within=30)
+    async with aiohttp.ClientSession() as http:
+        await wait_ready(http, ports.base, ports.admin)
+    await claim_each_on_a_new_connection(settings, ports, range(20, 40))
+    assert metric(await scrape(ports), "claim_decisions_total", 'outcome="ok"') == 40
+    assert re.search(rf"worker \d \(pid {victim}\) exited .*; restarting it", log.read_text())
+    assert server.poll() is None
+
+
+def test_a_worker_that_keeps_dying_at_start_up_is_given_up(
+    settings: Settings, procs: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    # The admin port is taken by a socket that does not share it: every worker fails to
+    # listen, as with any setting that can never work.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        log = tmp_path / "serve.log"
+        ports = ["--port", str(free_port()), "--admin-port", str(taken.getsockname()[1])]
+        server = spawn(settings, ["serve", "--insecure-dev", "--workers", "2", *ports], log)
+        procs.append(server)
+        assert server.wait(90) == 1
+    text = log.read_text()
+    assert "giving up" in text
+    assert len(re.findall(r"restarting it in", text)) >= 3

@@ -1,8 +1,9 @@
 """Hostile input against the real servers: every bad request gets a 4xx JSON error, never a 500.
 
 Each case checks the exact status and the ``error`` code (and ``field`` where there is one).
-The OpenAPI document is checked against the routes the app really registers, and hypothesis
-throws arbitrary JSON at the claim and benefit endpoints.
+Requests the HTTP parser itself refuses are answered in JSON too, and no token they carry
+reaches a log. The OpenAPI document is checked against the routes the apps really register,
+and hypothesis throws arbitrary JSON at the claim and benefit endpoints.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ import gzip
 import hashlib
 import hmac
 import json
+import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from importlib import resources
 from typing import Any
 
+import asyncpg
 import hypothesis
 import hypothesis.strategies as st
 import jwt
@@ -27,13 +31,16 @@ import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, given
+from redis.asyncio import Redis
 from yarl import URL
 
 from claim_service import api, periods
 from claim_service.auth import mint_token
 from claim_service.config import Settings
+from claim_service.http_server import Guard
 from claim_service.signing import signed_headers
-from tests.conftest import admin, auth, benefit_body
+from claim_service.web import create_apps
+from tests.conftest import ServiceClient, admin, auth, benefit_body
 
 Client = TestClient[Any, Any]
 
@@ -93,14 +100,29 @@ async def expect_json_error(resp: ClientResponse) -> None:
         assert isinstance(body["error"], str) and isinstance(body["message"], str), body
 
 
+def listener(client: Client, path: str) -> tuple[str, int]:
+    """Host and port of the listener that serves ``path`` (admin or member)."""
+    url = client.make_url(path.split("?")[0])
+    assert url.host is not None and url.port is not None
+    return url.host, url.port
+
+
 def encoded(client: Client, path: str) -> URL:
     """An absolute URL whose path is sent exactly as written (no re-quoting)."""
-    return URL(f"http://{client.host}:{client.port}{path}", encoded=True)
+    host, port = listener(client, path)
+    return URL(f"http://{host}:{port}{path}", encoded=True)
+
+
+def routes(client: Client) -> list[Any]:
+    """Every route of both listeners."""
+    apps = [client.app, client.admin_app]  # type: ignore[attr-defined]
+    return [route for app in apps for route in app.router.routes()]
 
 
 async def raw_request(client: Client, request: bytes) -> tuple[int, dict[str, str], Any]:
     """Send bytes the aiohttp client refuses to write; read one response."""
-    reader, writer = await asyncio.open_connection(client.host, client.port)
+    path = request.split(b" ", 2)[1].decode("latin-1")
+    reader, writer = await asyncio.open_connection(*listener(client, path))
     try:
         writer.write(request)
         await writer.drain()
@@ -446,7 +468,7 @@ async def test_authorization_that_is_not_utf8_is_401(client: Client, path: str) 
 async def test_every_protected_route_needs_credentials(client: Client, settings: Settings) -> None:
     member_token = auth(settings, MEMBER)["Authorization"]
     checked = 0
-    for route in client.app.router.routes():
+    for route in routes(client):
         path = route.resource.canonical if route.resource else ""
         if route.method == "HEAD" or path in PUBLIC_PATHS:
             continue
@@ -1044,6 +1066,147 @@ async def test_unknown_claims_for_ops_are_404(
         await expect_error(resp, 404, code)
 
 
+async def test_signature_that_is_not_ascii_is_401(client: Client, partner: str) -> None:
+    body = json.dumps({"order_id": "0" * 32, "status": "success"}).encode()
+    good = signed_headers(PARTNER["secret"], body)
+    for signature in ["é" + good["X-Claim-Signature"][1:], "İ" * 64, "ｆ" * 64]:
+        headers = {
+            "X-Claim-Timestamp": good["X-Claim-Timestamp"].encode(),
+            "X-Claim-Signature": signature.encode(),
+        }
+        status, _, reply = await raw_request(client, http("POST", partner, headers, body))
+        assert (status, reply["error"]) == (401, "unauthorized"), reply
+
+
+# -- what the HTTP parser refuses, and what reaches the logs ----------------------------------
+
+
+def hostile_requests(
+    token: str, admin_token: str, partner_secret: str
+) -> Iterator[tuple[bytes, int | None]]:
+    """Raw requests carrying secrets, and the JSON status each gets (``None``: the client
+    hangs up before an answer)."""
+    bearer = f"Authorization: Bearer {token}".encode()
+    ops = f"Authorization: Bearer {admin_token}".encode()
+    # Every answer closes its connection, so that each case is read to its end.
+    get = b"GET /v1/benefits HTTP/1.1\r\nHost: test\r\nConnection: close\r\n"
+    post = b"POST /v1/benefits/video/claims HTTP/1.1\r\nHost: test\r\nConnection: close\r\n"
+    admin_get = b"GET /admin/v1/benefits HTTP/1.1\r\nHost: test\r\nConnection: close\r\n"
+    yield get + bearer + b"\x01\r\n\r\n", 400  # a control character in a header
+    yield admin_get + ops + b"\x01\r\n\r\n", 400
+    yield get + bearer + b"A" * 20_000 + b"\r\n\r\n", 400  # one header too large
+    yield admin_get + ops + b"A" * 20_000 + b"\r\n\r\n", 400
+    many = b"".join(b"X-%d: %s\r\n" % (i, token.encode()) for i in range(200))
+    yield get + many + b"\r\n", 400  # too many headers
+    framing = b"Content-Length: 5\r\nContent-Length: 6\r\n\r\nabcdef"
+    yield post + bearer + b"\r\n" + framing, 400  # two lengths
+    chunked = b"Transfer-Encoding: chunked\r\n\r\nzz\r\n"
+    yield post + bearer + b"\r\n" + chunked, 400  # a broken chunk size
+    yield admin_get.replace(b"GET", b"G\x00T") + ops + b"\r\n\r\n", 400
+    # an unauthenticated body in an encoding nobody can decode
+    yield post + b"Content-Encoding: br\r\nContent-Length: 10\r\n\r\n0123456789", 401
+    # a signature that is not ASCII
+    callback = b"POST /v1/partners/p1/callbacks HTTP/1.1\r\nHost: test\r\nConnection: close\r\n"
+    body = b'{"order_id": "' + b"0" * 32 + b'", "status": "success"}'
+    signed = signed_headers(partner_secret, body)
+    stamp = f"X-Claim-Timestamp: {signed['X-Claim-Timestamp']}\r\n".encode()
+    sig = "X-Claim-Signature: é".encode() + b"f" * 63 + b"\r\n"
+    length = b"Content-Length: %d\r\n\r\n" % len(body)
+    yield callback + stamp + sig + length + body, 401
+    # a member gone half-way through the body
+    yield (
+        post + bearer + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+        b'{"request_id": "r"',
+        None,
+    )
+
+
+async def send_raw(host: str, port: int, request: bytes, status: int | None) -> None:
+    """Send one raw request; unless the client is to hang up, read the whole answer (the
+    server closes) and check it is a JSON error of ``status``."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        if status is None:
+            return
+        data = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    head, _, payload = data.partition(b"\r\n\r\n")
+    assert head.split(b" ", 2)[1] == str(status).encode(), data[:300]
+    assert b"\r\ncontent-type: application/json" in head.lower(), head
+    code = {400: "invalid_request", 401: "unauthorized"}[status]
+    assert json.loads(payload)["error"] == code, payload
+
+
+async def test_parser_rejections_are_json_and_no_token_reaches_a_log(
+    client: Client, settings: Settings, partner: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    token = mint_token(settings, MEMBER)
+    for _ in range(3):
+        for request, status in hostile_requests(token, settings.admin_token, PARTNER["secret"]):
+            path = request.split(b" ", 2)[1].decode("latin-1")
+            await send_raw(*listener(client, path), request, status)
+    await asyncio.sleep(0.2)  # the last hang-up reaches the server
+    for secret in (token, settings.admin_token, PARTNER["secret"], token[:40]):
+        assert secret not in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert "backend" not in caplog.text  # a client hanging up is not an outage
+    assert "Traceback" not in caplog.text
+    # Each refusal is one short line below ERROR.
+    assert "client sent a malformed request (400): too many headers" in caplog.text
+    assert "client sent a malformed request (400): a request line or header is too long" in (
+        caplog.text
+    )
+
+
+async def test_custom_header_limit_still_applies(client: Client, settings: Settings) -> None:
+    # aiohttp's own limit is 8190 bytes; tokens may be longer, so the service sets 16 KiB.
+    for size, status in [(12_000, 401), (17_000, 400)]:
+        request = http("GET", "/v1/benefits", {"Authorization": b"Bearer " + b"x" * size})
+        got, _, reply = await raw_request(client, request)
+        assert got == status, reply
+
+
+# -- misconfiguration ------------------------------------------------------------------------
+
+
+async def test_a_wrong_codes_key_is_503_and_one_line_for_ops(
+    client: Client,
+    settings: Settings,
+    redis: Redis,
+    pool: asyncpg.Pool,
+    partner: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from tests.integration.test_card_key import claim_all, settle, setup
+
+    await setup(client, settings, codes=1)
+    (claimed,) = await claim_all(client, settings, range(1))
+    await settle(settings, redis, pool)
+    path = f"/v1/claims/{claimed['claim_id']}"
+    resp = await client.get(path, headers=auth(settings, "u0"))
+    assert (await resp.json())["voucher"]["code"]  # readable with the right key
+
+    wrong = replace(settings, codes_key="11" * 32)
+    member, ops = create_apps(wrong, pools=(redis, pool))
+    async with ServiceClient(member, ops, Guard.for_process(wrong)) as misconfigured:
+        body = json.dumps({"order_id": "0" * 32, "status": "success"}).encode()
+        calls: list[tuple[str, str, dict[str, Any]]] = [
+            ("GET", path, {"headers": auth(settings, "u0")}),
+            ("POST", partner, {"data": body, "headers": signed_headers(PARTNER["secret"], body)}),
+            ("GET", "/admin/v1/partners/p1", {"headers": admin(settings)}),
+        ]
+        for method, url, kwargs in calls:
+            caplog.clear()
+            resp = await misconfigured.request(method, url, **kwargs)
+            await expect_error(resp, 503, "unavailable")
+            lines = [r for r in caplog.records if "CLAIM_CODES_KEY" in r.getMessage()]
+            assert len(lines) == 1 and lines[0].exc_info is None, caplog.text
+
+
 # -- the OpenAPI document ------------------------------------------------------------------
 
 
@@ -1063,7 +1226,7 @@ async def test_openapi_documents_every_route_and_nothing_else(client: Client) ->
     assert doc["openapi"].startswith("3.1.")
     registered = {
         (route.resource.canonical, route.method.lower())
-        for route in client.app.router.routes()
+        for route in routes(client)
         if route.method != "HEAD" and route.resource is not None
     }
     verbs = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}

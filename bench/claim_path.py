@@ -44,16 +44,19 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from redis.asyncio import Redis
 
 from bench.report import Report, Row, write_report
-from claim_service import catalogue_store, periods
-from claim_service.auth import TokenVerifier, mint_token
-from claim_service.catalogue import parse_benefit
+from claim_service.claims.engine import ClaimEngine, ClaimRequest
 from claim_service.config import Settings
-from claim_service.connections import create_pg_pool, create_redis, migrate
-from claim_service.embedded import EmbeddedServers
-from claim_service.engine import ClaimEngine, ClaimRequest
-from claim_service.keyspace import BenefitKeys, text
-from claim_service.tiers import save_tiers
-from claim_service.web import ENGINE, create_app
+from claim_service.domain import periods
+from claim_service.domain.catalogue import parse_benefit
+from claim_service.http.app import ENGINE
+from claim_service.http.auth import TokenVerifier, mint_token
+from claim_service.http.service import create_app
+from claim_service.local.embedded import EmbeddedServers
+from claim_service.store import catalogue_store
+from claim_service.store.connections import create_pg_pool, create_redis
+from claim_service.store.keyspace import BenefitKeys, text
+from claim_service.store.migrations import migrate
+from claim_service.store.tiers import save_tiers
 
 OPTION = "iqiyi"
 MEMBER_TIER = 5

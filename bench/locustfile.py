@@ -25,11 +25,11 @@ Set up a benefit and members, then run headless and bounded (users, spawn rate, 
 
     claim-service dev           # keep running; in another shell, export the URLs it prints
     claim-service migrate
-    claim-service serve --port 8080 --writer &
+    claim-service serve --port 8080 --admin-port 8081 --writer &   # admin API on 8081
     python -c 'print("user_id,tier"); [print(f"m{i:06d},9") for i in range(1000)]' \
         > /tmp/members.csv
     claim-service load-tiers /tmp/members.csv --period "$(TZ=Asia/Shanghai date +%Y-%m)"
-    curl -X PUT http://127.0.0.1:8080/admin/v1/benefits/video \
+    curl -X PUT http://127.0.0.1:8081/admin/v1/benefits/video \
         -H "Authorization: Bearer ${CLAIM_ADMIN_TOKEN:-dev-admin-token}" \
         -H 'Content-Type: application/json' -d '{"name": "Video card", "min_tier": 4,
           "quota": 1, "stock_per_period": 500, "release": {"type": "once",
@@ -53,8 +53,8 @@ from typing import Any
 from locust import FastHttpUser, between, task
 from locust.exception import StopUser
 
-from claim_service.auth import mint_token
 from claim_service.config import Settings
+from claim_service.http.auth import mint_token
 
 BENEFIT = os.environ.get("CLAIM_BENCH_BENEFIT", "")
 MEMBERS = int(os.environ.get("CLAIM_BENCH_MEMBERS", "1000"))

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import ipaddress
 import os
+import secrets
+import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -12,7 +17,31 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from claim_service.errors import ConfigError
-from claim_service.vault import DEV_CODES_KEY, parse_key
+
+# A fixed key for local development only; `serve` and `fulfil` refuse it off this machine.
+DEV_CODES_KEY = base64.b64encode(hashlib.sha256(b"claim-service development key").digest()).decode()
+
+
+def parse_key(text: str) -> bytes:
+    """``CLAIM_CODES_KEY``: 32 bytes written as hex or base64."""
+    raw: bytes | None = None
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        try:
+            raw = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raw = None
+    if raw is None or len(raw) != 32:
+        raise ConfigError("CLAIM_CODES_KEY must be 32 bytes, written as base64 or hex")
+    return raw
+
+
+def instance_name() -> str:
+    """A name for this process among its peers (stream consumers, claim leases):
+    host, pid and a random suffix, unless ``--name`` gives a stable one."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
 
 DEV_JWT_SECRET = "dev-only-secret-change-me-0123456789abcdef"
 DEV_ADMIN_TOKEN = "dev-admin-token"

@@ -1,4 +1,5 @@
-"""Real Valkey and PostgreSQL servers for the whole run, flushed before every test.
+"""Real Valkey and PostgreSQL servers for the whole run, flushed before every test, and the
+fixtures more than one test module uses. Plain helpers are in ``tests/helpers.py``.
 
 The servers are started by the project's own ``EmbeddedServers``. To run against servers
 you manage, set ``CLAIM_TEST_REDIS_URL`` and ``CLAIM_TEST_DATABASE_URL`` (they are flushed!).
@@ -8,29 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 from collections.abc import AsyncIterator, Iterator
-from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
-from aiohttp.web_runner import BaseRunner
+from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
-from yarl import URL
 
-from claim_service.auth import mint_token
 from claim_service.config import Settings
-from claim_service.connections import create_pg_pool, create_redis, migrate
-from claim_service.embedded import EmbeddedServers
-from claim_service.http_server import Guard, ServiceRunner
-from claim_service.web import create_apps
-
-TABLES = (
-    "anomalies, claims, claim_events, voucher_codes, partners, tiers, stock_additions, "
-    "benefit_options, benefits"
-)
+from claim_service.http.server import Guard
+from claim_service.http.service import create_apps
+from claim_service.local.embedded import EmbeddedServers
+from claim_service.local.partner_sim import PartnerSimulator
+from claim_service.local.partner_sim_config import SimConfig
+from claim_service.store.connections import create_pg_pool, create_redis
+from claim_service.store.migrations import migrate
+from tests.helpers import SECRET, TABLES, ServiceClient
 
 
 @pytest.fixture(scope="session")
@@ -77,56 +73,6 @@ async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
     await pg.close()
 
 
-class ServiceTestServer(TestServer):
-    """A test server run as ``serve`` runs its listeners (guarded connections, handlers not
-    cancelled when their client goes away)."""
-
-    def __init__(self, app: web.Application, guard: Guard) -> None:
-        super().__init__(app)
-        self.guard = guard
-
-    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
-        kwargs["handler_cancellation"] = False
-        return ServiceRunner(self.app, self.guard, **kwargs)
-
-
-def is_admin_path(path: str) -> bool:
-    return path == "/metrics" or path == "/admin" or path.startswith(("/admin/", "/admin?"))
-
-
-class ServiceClient(TestClient[Any, Any]):
-    """The member and admin listeners behind one client: each request goes to the listener
-    that serves its path under ``serve`` (``/admin…`` and ``/metrics`` to the admin one)."""
-
-    def __init__(self, member: web.Application, admin: web.Application, guard: Guard) -> None:
-        super().__init__(ServiceTestServer(member, guard))
-        self.admin = TestClient(ServiceTestServer(admin, guard))
-
-    @property
-    def admin_app(self) -> web.Application:
-        return self.admin.app
-
-    def server_for(self, path: str) -> TestServer:
-        """The test server of the listener that serves ``path``."""
-        chosen = self.admin.server if is_admin_path(path) else self.server
-        assert isinstance(chosen, TestServer)
-        return chosen
-
-    def make_url(self, path: Any) -> URL:
-        url = URL(path)
-        if url.is_absolute():
-            return url
-        return self.server_for(url.path).make_url(path)
-
-    async def start_server(self) -> None:
-        await super().start_server()  # the member listener owns the pools: first up
-        await self.admin.start_server()
-
-    async def close(self) -> None:
-        await self.admin.close()
-        await super().close()
-
-
 @pytest.fixture
 async def client(
     settings: Settings, redis: Redis, pool: asyncpg.Pool
@@ -136,67 +82,24 @@ async def client(
         yield test_client
 
 
-def member_token(settings: Settings, user_id: str, ttl: int = 3600) -> str:
-    return mint_token(settings, user_id, ttl)
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.terminate()  # a graceful stop cleans up after itself
+    for proc in started:
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
 
 
-def auth(settings: Settings, user_id: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {member_token(settings, user_id)}"}
-
-
-def admin(settings: Settings) -> dict[str, str]:
-    return {"Authorization": f"Bearer {settings.admin_token}"}
-
-
-def direct(option_id: str, **extra: Any) -> dict[str, Any]:
-    """A direct-charge option (card-key options need codes loaded before they can be claimed)."""
-    return {"option_id": option_id, "kind": "direct_charge", "partner": "p", "sku": "s", **extra}
-
-
-def benefit_body(
-    *,
-    stock: int = 10,
-    min_tier: int = 4,
-    quota: Any = None,
-    opens_in_s: float = -60,
-    closes_in_s: float | None = None,
-    options: list[dict[str, Any]] | None = None,
-    paused: bool = False,
-) -> dict[str, Any]:
-    now = datetime.now().astimezone()
-    release: dict[str, Any] = {
-        "type": "once",
-        "opens_at": (now + timedelta(seconds=opens_in_s)).isoformat(),
-    }
-    if closes_in_s is not None:
-        release["closes_at"] = (now + timedelta(seconds=closes_in_s)).isoformat()
-    return {
-        "name": "Video membership, monthly card",
-        "min_tier": min_tier,
-        "quota": quota
-        if quota is not None
-        else [
-            {"min_tier": 4, "per_period": 1},
-            {"min_tier": 8, "per_period": 2},
-        ],
-        "stock_per_period": stock,
-        "release": release,
-        "paused": paused,
-        "options": options
-        or [
-            {
-                "option_id": "iqiyi",
-                "name": "iQiyi",
-                "kind": "direct_charge",
-                "partner": "iqiyi",
-                "sku": "IQY-M1",
-            },
-            {
-                "option_id": "tencent",
-                "name": "Tencent Video",
-                "kind": "direct_charge",
-                "partner": "tencent",
-                "sku": "TX-M1",
-            },
-        ],
-    }
+@pytest.fixture
+async def sim() -> AsyncIterator[PartnerSimulator]:
+    simulator = PartnerSimulator(SimConfig(secret=SECRET, latency_ms=1, seed=3))
+    await simulator.start("127.0.0.1", 0)
+    yield simulator
+    await simulator.stop()

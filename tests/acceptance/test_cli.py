@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -12,25 +11,21 @@ from pathlib import Path
 import asyncpg
 from redis.asyncio import Redis
 
-from claim_service import catalogue_store, periods
-from claim_service.auth import TokenVerifier
-from claim_service.catalogue import parse_benefit
 from claim_service.config import Settings
-from claim_service.embedded import free_port
-from claim_service.keyspace import BenefitKeys, tiers_key
-from claim_service.recovery import Recovery
-from tests.conftest import benefit_body
+from claim_service.domain import periods
+from claim_service.domain.catalogue import parse_benefit
+from claim_service.http.auth import TokenVerifier
+from claim_service.local.embedded import free_port
+from claim_service.store import catalogue_store
+from claim_service.store.keyspace import BenefitKeys, tiers_key
+from claim_service.store.recovery import Recovery
+from tests.helpers import benefit_body, service_env
 
 
 def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "CLAIM_REDIS_URL": settings.redis_url or "",
-        "CLAIM_DATABASE_URL": settings.database_url or "",
-    }
     return subprocess.run(
         [sys.executable, "-m", "claim_service", *args],
-        env=env,
+        env=service_env(settings),
         capture_output=True,
         text=True,
         timeout=120,
@@ -99,15 +94,9 @@ async def test_load_codes_migrate_warm_and_token(
 
 
 def start(settings: Settings, *args: str, **env: str) -> subprocess.Popen[str]:
-    full_env = {
-        **os.environ,
-        "CLAIM_REDIS_URL": settings.redis_url or "",
-        "CLAIM_DATABASE_URL": settings.database_url or "",
-        **env,
-    }
     return subprocess.Popen(
         [sys.executable, "-m", "claim_service", *args],
-        env=full_env,
+        env=service_env(settings, **env),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -13,16 +13,25 @@ import asyncpg
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
+from claim_service.claims.writer import ClaimWriter
 from claim_service.config import Settings
-from claim_service.partner_sim import PartnerSimulator, SimConfig
-from claim_service.writer import ClaimWriter
-from tests.acceptance.test_processes import procs, spawn, wait_for
-from tests.conftest import admin, auth
-from tests.integration.test_card_key import CODES
-from tests.integration.test_direct_charge import SECRET, claim_all, setup
-from tests.integration.test_writer import drain, fast
-
-__all__ = ["procs"]
+from claim_service.local.partner_sim import PartnerSimulator
+from claim_service.local.partner_sim_config import SimConfig
+from tests.helpers import (
+    CODES,
+    SECRET,
+    admin,
+    auth,
+    callback_base,
+    claim_all,
+    claim_codes,
+    drain,
+    fast,
+    setup_codes,
+    setup_partner,
+    spawn,
+    wait_for,
+)
 
 Client = TestClient[Any, Any]
 ENV = {
@@ -56,12 +65,12 @@ async def test_killed_fulfil_worker_resumes_without_loss_or_double_charge(
             processing_rate=0.3,
             callback_delay_ms=50,
             duplicate_callback_rate=0.3,
-            callback_base=str(client.make_url("")).rstrip("/"),
+            callback_base=callback_base(client),
         )
     )
     await sim.start("127.0.0.1", 0)
     try:
-        await setup(client, settings, sim, members=200, stock=200, max_attempts=20)
+        await setup_partner(client, settings, sim, members=200, stock=200, max_attempts=20)
         # Half of the members pick a card-key option instead.
         body = await (await client.get("/admin/v1/benefits/video", headers=admin(settings))).json()
         body["options"].append({"option_id": "youku", "kind": "card_key"})
@@ -153,9 +162,6 @@ async def test_a_named_fulfil_worker_restarted_takes_its_leases_back_at_once(
     procs: list[subprocess.Popen[bytes]],
     tmp_path: Path,
 ) -> None:
-    from tests.integration.test_card_key import claim_all as claim_codes
-    from tests.integration.test_card_key import setup as setup_codes
-
     await setup_codes(client, settings, stock=100, codes=30)
     assert sum(r["http"] == 202 for r in await claim_codes(client, settings, range(30))) == 30
     await drain(ClaimWriter(redis, pool, fast(settings)))

@@ -12,8 +12,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -21,113 +19,27 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from claim_service import catalogue_store, periods
-from claim_service.auth import mint_token
-from claim_service.catalogue import parse_benefit
+from claim_service.claims.engine import ClaimEngine, ClaimRequest
+from claim_service.claims.writer import ensure_group
 from claim_service.config import Settings
-from claim_service.embedded import free_port
-from claim_service.engine import ClaimEngine, ClaimRequest
-from claim_service.keyspace import WRITER_GROUP, BenefitKeys
-from claim_service.tiers import save_tiers
-from tests.conftest import admin, benefit_body
-
-
-def spawn(settings: Settings, args: list[str], log: Path, **env: str) -> subprocess.Popen[bytes]:
-    full_env = {
-        **os.environ,
-        "CLAIM_REDIS_URL": settings.redis_url or "",
-        "CLAIM_DATABASE_URL": settings.database_url or "",
-        **env,
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "claim_service", *args],
-        env=full_env,
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-    )
-
-
-@dataclass(frozen=True)
-class Listeners:
-    """The two ports of a ``serve`` process."""
-
-    port: int
-    admin_port: int
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def admin(self) -> str:
-        return f"http://127.0.0.1:{self.admin_port}"
-
-
-def spawn_serve(
-    settings: Settings, log: Path, *args: str, **env: str
-) -> tuple[subprocess.Popen[bytes], Listeners]:
-    """``serve`` on two free ports; the tests' servers are throw-away (``--insecure-dev``)."""
-    ports = Listeners(free_port(), free_port())
-    command = ["serve", "--insecure-dev", "--port", str(ports.port)]
-    command += ["--admin-port", str(ports.admin_port), *args]
-    return spawn(settings, command, log, **env), ports
-
-
-async def wait_ready(http: aiohttp.ClientSession, *urls: str, within: float = 30.0) -> None:
-    async def ready() -> bool:
-        try:
-            for url in urls:
-                async with http.get(url + "/readyz") as resp:
-                    if resp.status != 200:
-                        return False
-            return True
-        except aiohttp.ClientError:
-            return False
-
-    await wait_for(ready, within)
-
-
-def workers_of(parent: int) -> set[int]:
-    """Live worker processes of a ``serve --workers N`` parent."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == parent and fields[0] != "Z" and b"spawn_main" in cmdline:
-            found.add(int(entry.name))
-    return found
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            proc.terminate()  # a graceful stop cleans up after itself
-    for proc in started:
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
-async def wait_for(
-    predicate: Callable[[], Awaitable[bool]], within: float = 30.0, every: float = 0.05
-) -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if await predicate():
-            return
-        await asyncio.sleep(every)
-    raise AssertionError("condition not reached in time")
+from claim_service.domain import periods
+from claim_service.domain.catalogue import parse_benefit
+from claim_service.http.auth import mint_token
+from claim_service.local.embedded import free_port
+from claim_service.store import catalogue_store
+from claim_service.store.keyspace import WRITER_GROUP, BenefitKeys
+from claim_service.store.tiers import save_tiers
+from tests.helpers import (
+    Listeners,
+    admin,
+    benefit_body,
+    open_video,
+    spawn,
+    spawn_serve,
+    wait_for,
+    wait_ready,
+    workers_of,
+)
 
 
 async def accepted_backlog(
@@ -262,7 +174,7 @@ async def test_multi_worker_server_burst(
 
 def test_servers_do_not_outlive_a_killed_parent() -> None:
     script = (
-        "from claim_service.embedded import EmbeddedServers\n"
+        "from claim_service.local.embedded import EmbeddedServers\n"
         "import time\n"
         "s = EmbeddedServers(ephemeral=True).start()\n"
         "print(s.valkey.proc.pid, s.postgres.proc.pid, flush=True)\n"
@@ -300,8 +212,6 @@ async def test_a_named_writer_restarted_resumes_its_own_pending_entries_at_once(
     total = 3000
     await accepted_backlog(settings, redis, pool, total)
     stream = BenefitKeys("video").stream
-    from claim_service.writer import ensure_group
-
     await ensure_group(redis, stream)
     # The named writer "died" holding 1,000 delivered but unwritten entries.
     await redis.xreadgroup(WRITER_GROUP, "writer-a", {stream: ">"}, count=1000)
@@ -334,22 +244,6 @@ def metric(scrape: str, name: str, labels: str = "") -> float:
         if line.startswith(prefix):
             return float(line.split()[-1])
     return 0.0
-
-
-async def open_video(http: aiohttp.ClientSession, settings: Settings, ports: Listeners) -> None:
-    """Benefit ``video`` open now, and members m0..m999 at tier 5."""
-    async with http.put(
-        f"{ports.admin}/admin/v1/benefits/video",
-        headers=admin(settings),
-        json=benefit_body(stock=1000),
-    ) as resp:
-        assert resp.status == 201, await resp.text()
-    period = periods.current_period(settings.tz)
-    snapshot = [{"user_id": f"m{i}", "tier": 5} for i in range(1000)]
-    async with http.put(
-        f"{ports.admin}/admin/v1/tiers/{period}", headers=admin(settings), json=snapshot
-    ) as resp:
-        assert resp.status == 200, await resp.text()
 
 
 async def claim_each_on_a_new_connection(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -22,18 +21,18 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from claim_service.auth import mint_token
 from claim_service.config import Settings
-from tests.acceptance.test_processes import (
+from claim_service.http.auth import mint_token
+from claim_service.local.embedded import free_port
+from tests.helpers import (
     Listeners,
+    hostile_requests,
     open_video,
-    procs,
+    send_raw,
+    service_env,
     spawn_serve,
     wait_ready,
 )
-from tests.integration.test_hostile_input import hostile_requests, send_raw
-
-__all__ = ["procs"]
 
 BODY_TIMEOUT_S = 1.0
 # How much later than the deadline a busy two-core machine may be to close a connection.
@@ -176,15 +175,7 @@ async def test_stalled_requests_are_cut_off_while_others_are_answered(
 def spawn_with_file_limit(
     settings: Settings, log: Path, limit: int, **env: str
 ) -> tuple[subprocess.Popen[bytes], Listeners]:
-    from claim_service.embedded import free_port
-
     ports = Listeners(free_port(), free_port())
-    full_env = {
-        **os.environ,
-        "CLAIM_REDIS_URL": settings.redis_url or "",
-        "CLAIM_DATABASE_URL": settings.database_url or "",
-        **env,
-    }
 
     def few_files() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
@@ -193,7 +184,7 @@ def spawn_with_file_limit(
     command += ["--admin-port", str(ports.admin_port)]
     proc = subprocess.Popen(
         [sys.executable, "-m", "claim_service", *command],
-        env=full_env,
+        env=service_env(settings, **env),
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
         preexec_fn=few_files,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import replace
 from typing import Any
@@ -12,63 +11,19 @@ import pytest
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
-from claim_service import periods
 from claim_service.config import Settings
-from claim_service.fulfilment import FulfilmentWorker
-from claim_service.writer import ClaimWriter
-from tests.conftest import admin, auth, benefit_body, direct
-from tests.integration.test_writer import drain, fast
+from claim_service.domain import periods
+from claim_service.fulfilment.worker import FulfilmentWorker
+from tests.helpers import CODES, admin, auth, claim_codes, settle, setup_codes
 
 Client = TestClient[Any, Any]
-CODES = [f"YK-{i:05d}-SECRETCODE" for i in range(40)]
-
-
-async def setup(client: Client, settings: Settings, stock: int = 100, codes: int = 40) -> None:
-    body = benefit_body(
-        stock=stock, quota=1, options=[{"option_id": "youku", "kind": "card_key"}, direct("x")]
-    )
-    resp = await client.put("/admin/v1/benefits/video", json=body, headers=admin(settings))
-    assert resp.status == 201, await resp.text()
-    period = periods.current_period(settings.tz)
-    tiers = [{"user_id": f"u{i}", "tier": 5} for i in range(100)]
-    resp = await client.put(f"/admin/v1/tiers/{period}", json=tiers, headers=admin(settings))
-    assert resp.status == 200
-    if codes:
-        load = [{"code": c, "secret": f"pin-{i}"} for i, c in enumerate(CODES[:codes])]
-        resp = await client.post(
-            "/admin/v1/benefits/video/options/youku/codes", json=load, headers=admin(settings)
-        )
-        assert resp.status == 200, await resp.text()
-        report = await resp.json()
-        assert report["loaded"] == codes and report["pool"]["free"] == codes
-
-
-async def claim_all(client: Client, settings: Settings, users: range) -> list[dict[str, Any]]:
-    async def one(i: int) -> dict[str, Any]:
-        resp = await client.post(
-            "/v1/benefits/video/claims",
-            headers=auth(settings, f"u{i}"),
-            json={"request_id": "r", "option_id": "youku"},
-        )
-        return {**(await resp.json()), "http": resp.status}
-
-    return list(await asyncio.gather(*(one(i) for i in users)))
-
-
-async def settle(settings: Settings, redis: Redis, pool: asyncpg.Pool) -> FulfilmentWorker:
-    await drain(ClaimWriter(redis, pool, fast(settings)))
-    worker = FulfilmentWorker(pool, redis, replace(settings, codes_low_watermark=5))
-    while await worker.tick():
-        await worker.drain()
-    await worker.drain()
-    return worker
 
 
 async def test_claims_never_exceed_codes_and_each_code_goes_once(
     client: Client, settings: Settings, redis: Redis, pool: asyncpg.Pool
 ) -> None:
-    await setup(client, settings, stock=100, codes=40)
-    replies = await claim_all(client, settings, range(60))
+    await setup_codes(client, settings, stock=100, codes=40)
+    replies = await claim_codes(client, settings, range(60))
     accepted = [r for r in replies if r["http"] == 202]
     assert len(accepted) == 40, "a card-key option accepts no more claims than it has codes"
     assert {r["error"] for r in replies if r["http"] != 202} == {"sold_out"}
@@ -93,7 +48,7 @@ async def test_claims_never_exceed_codes_and_each_code_goes_once(
 async def test_codes_are_unreadable_in_the_database(
     client: Client, settings: Settings, pool: asyncpg.Pool
 ) -> None:
-    await setup(client, settings, codes=10)
+    await setup_codes(client, settings, codes=10)
     rows = await pool.fetch("SELECT code_enc, secret_enc, code_hash FROM voucher_codes")
     dump = b"".join(
         bytes(r["code_enc"]) + bytes(r["secret_enc"]) + bytes(r["code_hash"]) for r in rows
@@ -108,21 +63,21 @@ async def test_codes_are_unreadable_in_the_database(
 
 
 async def test_reloading_the_same_codes_adds_nothing(client: Client, settings: Settings) -> None:
-    await setup(client, settings, codes=10)
+    await setup_codes(client, settings, codes=10)
     resp = await client.post(
         "/admin/v1/benefits/video/options/youku/codes", json=CODES[:15], headers=admin(settings)
     )
     report = await resp.json()
     assert report["loaded"] == 5 and report["duplicates"] == 10 and report["pool"]["free"] == 15
-    replies = await claim_all(client, settings, range(20))
+    replies = await claim_codes(client, settings, range(20))
     assert sum(r["http"] == 202 for r in replies) == 15
 
 
 async def test_voucher_is_shown_to_its_owner_only(
     client: Client, settings: Settings, redis: Redis, pool: asyncpg.Pool
 ) -> None:
-    await setup(client, settings, codes=1)
-    (reply,) = await claim_all(client, settings, range(1))
+    await setup_codes(client, settings, codes=1)
+    (reply,) = await claim_codes(client, settings, range(1))
     await settle(settings, redis, pool)
     other = await client.get(f"/v1/claims/{reply['claim_id']}", headers=auth(settings, "u1"))
     assert other.status == 404
@@ -139,7 +94,7 @@ async def test_low_pool_is_reported(
     pool: asyncpg.Pool,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    await setup(client, settings, codes=8)
+    await setup_codes(client, settings, codes=8)
     resp = await client.get("/admin/v1/benefits/video/codes", headers=admin(settings))
     (level,) = (await resp.json())["pools"]
     assert level["free"] == 8 and level["low"] is True  # default watermark is 100
@@ -167,14 +122,14 @@ async def test_low_pool_is_reported(
 async def test_expired_codes_fail_and_refund(
     client: Client, settings: Settings, redis: Redis, pool: asyncpg.Pool
 ) -> None:
-    await setup(client, settings, codes=0)
+    await setup_codes(client, settings, codes=0)
     soon = [{"code": "EXP-1", "expires_at": "2000-01-01T00:00:00+00:00"}, {"code": "OK-1"}]
     resp = await client.post(
         "/admin/v1/benefits/video/options/youku/codes", json=soon, headers=admin(settings)
     )
     report = await resp.json()
     assert report["expired"] == 1 and report["pool"]["free"] == 1
-    replies = await claim_all(client, settings, range(3))
+    replies = await claim_codes(client, settings, range(3))
     assert sum(r["http"] == 202 for r in replies) == 1
     # The one code expires behind our back: the claim fails and its unit comes back.
     await pool.execute("UPDATE voucher_codes SET expires_at = now() - interval '1 s'")

@@ -6,10 +6,11 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient
 
-from claim_service import periods
 from claim_service.config import Settings
-from claim_service.web import PG, REDIS
-from tests.conftest import admin, auth, benefit_body, direct
+from claim_service.domain import periods
+from claim_service.http.app import PG, REDIS
+from claim_service.store import catalogue_store
+from tests.helpers import admin, auth, benefit_body, direct
 
 Client = TestClient[Any, Any]
 
@@ -219,8 +220,6 @@ async def test_health(client: Client) -> None:
 async def test_catalogue_follows_changes_made_by_another_process(
     client: Client, settings: Settings
 ) -> None:
-    from claim_service import catalogue_store
-
     await setup_benefit(client, settings, stock=3)
     await load_tiers(client, settings, {"v5": 5})
     view = (await (await client.get("/v1/benefits", headers=auth(settings, "v5"))).json())[

@@ -31,14 +31,15 @@ from hypothesis.stateful import (
 )
 from redis.asyncio import Redis
 
-from claim_service import catalogue_store, periods, tiers
-from claim_service.catalogue import Benefit, parse_benefit
+from claim_service.claims.engine import ClaimDecision, ClaimEngine, ClaimRequest
 from claim_service.config import Settings
-from claim_service.connections import create_pg_pool, create_redis
-from claim_service.engine import ClaimDecision, ClaimEngine, ClaimRequest
-from claim_service.keyspace import BenefitKeys, text
-from claim_service.recovery import Recovery, is_live
-from tests.conftest import TABLES
+from claim_service.domain import periods
+from claim_service.domain.catalogue import Benefit, parse_benefit
+from claim_service.store import catalogue_store, tiers
+from claim_service.store.connections import create_pg_pool, create_redis
+from claim_service.store.keyspace import BenefitKeys, text
+from claim_service.store.recovery import Recovery, is_live
+from tests.helpers import TABLES
 
 T = TypeVar("T")
 

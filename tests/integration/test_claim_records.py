@@ -9,11 +9,10 @@ import asyncpg
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
-from claim_service import periods
+from claim_service.claims.writer import ClaimWriter
 from claim_service.config import Settings
-from claim_service.writer import ClaimWriter
-from tests.conftest import admin, auth, benefit_body
-from tests.integration.test_writer import drain, fast
+from claim_service.domain import periods
+from tests.helpers import admin, auth, benefit_body, drain, fast
 
 Client = TestClient[Any, Any]
 # ISO 8601 in the service time zone (Asia/Shanghai in the tests), to the millisecond

@@ -11,14 +11,15 @@ import asyncpg
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
-from claim_service import catalogue_store, periods
-from claim_service.catalogue import parse_benefit
+from claim_service.claims.engine import ClaimEngine, ClaimRequest
 from claim_service.config import Settings
-from claim_service.connections import create_redis
-from claim_service.engine import ClaimEngine, ClaimRequest
-from claim_service.keyspace import BenefitKeys
-from claim_service.tiers import save_tiers
-from tests.conftest import admin, auth, benefit_body
+from claim_service.domain import periods
+from claim_service.domain.catalogue import parse_benefit
+from claim_service.store import catalogue_store
+from claim_service.store.connections import create_redis
+from claim_service.store.keyspace import BenefitKeys
+from claim_service.store.tiers import save_tiers
+from tests.helpers import admin, auth, benefit_body
 
 Client = TestClient[Any, Any]
 

@@ -13,17 +13,16 @@ import asyncpg
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
-from claim_service import catalogue_store, periods
-from claim_service.catalogue import parse_benefit
+from claim_service.claims.engine import ClaimEngine, ClaimRequest
+from claim_service.claims.writer import ClaimWriter
 from claim_service.config import Settings
-from claim_service.engine import ClaimEngine, ClaimRequest
-from claim_service.keyspace import CATALOGUE_NEGATIVE_MAX, BenefitKeys
-from claim_service.recovery import Recovery
-from claim_service.tiers import save_tiers
-from claim_service.writer import ClaimWriter
-from tests.conftest import admin, auth, benefit_body, direct
-from tests.integration.test_card_key import settle
-from tests.integration.test_writer import drain, fast
+from claim_service.domain import periods
+from claim_service.domain.catalogue import parse_benefit
+from claim_service.store import catalogue_store
+from claim_service.store.keyspace import CATALOGUE_NEGATIVE_MAX, BenefitKeys
+from claim_service.store.recovery import Recovery
+from claim_service.store.tiers import save_tiers
+from tests.helpers import admin, auth, benefit_body, direct, drain, fast, settle
 
 Client = TestClient[Any, Any]
 
@@ -238,4 +237,4 @@ async def test_unknown_benefit_ids_are_remembered_boundedly(
     await Recovery(pool, redis, settings).ensure_all()
     for i in range(CATALOGUE_NEGATIVE_MAX * 3):
         assert await engine.benefit(f"nope-{i}") is None
-    assert len(engine._unknown) <= CATALOGUE_NEGATIVE_MAX
+    assert engine.catalogue.unknown_remembered <= CATALOGUE_NEGATIVE_MAX

@@ -18,7 +18,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from importlib import resources
 from typing import Any
@@ -34,13 +34,24 @@ from hypothesis import HealthCheck, given
 from redis.asyncio import Redis
 from yarl import URL
 
-from claim_service import api, periods
-from claim_service.auth import mint_token
 from claim_service.config import Settings
-from claim_service.http_server import Guard
-from claim_service.signing import signed_headers
-from claim_service.web import create_apps
-from tests.conftest import ServiceClient, admin, auth, benefit_body
+from claim_service.domain import periods
+from claim_service.fulfilment.signing import signed_headers
+from claim_service.http import member as api
+from claim_service.http.auth import mint_token
+from claim_service.http.server import Guard
+from claim_service.http.service import create_apps
+from tests.helpers import (
+    ServiceClient,
+    admin,
+    auth,
+    benefit_body,
+    claim_codes,
+    hostile_requests,
+    send_raw,
+    settle,
+    setup_codes,
+)
 
 Client = TestClient[Any, Any]
 
@@ -1081,65 +1092,6 @@ async def test_signature_that_is_not_ascii_is_401(client: Client, partner: str) 
 # -- what the HTTP parser refuses, and what reaches the logs ----------------------------------
 
 
-def hostile_requests(
-    token: str, admin_token: str, partner_secret: str
-) -> Iterator[tuple[bytes, int | None]]:
-    """Raw requests carrying secrets, and the JSON status each gets (``None``: the client
-    hangs up before an answer)."""
-    bearer = f"Authorization: Bearer {token}".encode()
-    ops = f"Authorization: Bearer {admin_token}".encode()
-    # Every answer closes its connection, so that each case is read to its end.
-    get = b"GET /v1/benefits HTTP/1.1\r\nHost: test\r\nConnection: close\r\n"
-    post = b"POST /v1/benefits/video/claims HTTP/1.1\r\nHost: test\r\nConnection: close\r\n"
-    admin_get = b"GET /admin/v1/benefits HTTP/1.1\r\nHost: test\r\nConnection: close\r\n"
-    yield get + bearer + b"\x01\r\n\r\n", 400  # a control character in a header
-    yield admin_get + ops + b"\x01\r\n\r\n", 400
-    yield get + bearer + b"A" * 20_000 + b"\r\n\r\n", 400  # one header too large
-    yield admin_get + ops + b"A" * 20_000 + b"\r\n\r\n", 400
-    many = b"".join(b"X-%d: %s\r\n" % (i, token.encode()) for i in range(200))
-    yield get + many + b"\r\n", 400  # too many headers
-    framing = b"Content-Length: 5\r\nContent-Length: 6\r\n\r\nabcdef"
-    yield post + bearer + b"\r\n" + framing, 400  # two lengths
-    chunked = b"Transfer-Encoding: chunked\r\n\r\nzz\r\n"
-    yield post + bearer + b"\r\n" + chunked, 400  # a broken chunk size
-    yield admin_get.replace(b"GET", b"G\x00T") + ops + b"\r\n\r\n", 400
-    # an unauthenticated body in an encoding nobody can decode
-    yield post + b"Content-Encoding: br\r\nContent-Length: 10\r\n\r\n0123456789", 401
-    # a signature that is not ASCII
-    callback = b"POST /v1/partners/p1/callbacks HTTP/1.1\r\nHost: test\r\nConnection: close\r\n"
-    body = b'{"order_id": "' + b"0" * 32 + b'", "status": "success"}'
-    signed = signed_headers(partner_secret, body)
-    stamp = f"X-Claim-Timestamp: {signed['X-Claim-Timestamp']}\r\n".encode()
-    sig = "X-Claim-Signature: é".encode() + b"f" * 63 + b"\r\n"
-    length = b"Content-Length: %d\r\n\r\n" % len(body)
-    yield callback + stamp + sig + length + body, 401
-    # a member gone half-way through the body
-    yield (
-        post + bearer + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
-        b'{"request_id": "r"',
-        None,
-    )
-
-
-async def send_raw(host: str, port: int, request: bytes, status: int | None) -> None:
-    """Send one raw request; unless the client is to hang up, read the whole answer (the
-    server closes) and check it is a JSON error of ``status``."""
-    reader, writer = await asyncio.open_connection(host, port)
-    try:
-        writer.write(request)
-        await writer.drain()
-        if status is None:
-            return
-        data = await asyncio.wait_for(reader.read(), 10)
-    finally:
-        writer.close()
-    head, _, payload = data.partition(b"\r\n\r\n")
-    assert head.split(b" ", 2)[1] == str(status).encode(), data[:300]
-    assert b"\r\ncontent-type: application/json" in head.lower(), head
-    code = {400: "invalid_request", 401: "unauthorized"}[status]
-    assert json.loads(payload)["error"] == code, payload
-
-
 async def test_parser_rejections_are_json_and_no_token_reaches_a_log(
     client: Client, settings: Settings, partner: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1181,10 +1133,8 @@ async def test_a_wrong_codes_key_is_503_and_one_line_for_ops(
     partner: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from tests.integration.test_card_key import claim_all, settle, setup
-
-    await setup(client, settings, codes=1)
-    (claimed,) = await claim_all(client, settings, range(1))
+    await setup_codes(client, settings, codes=1)
+    (claimed,) = await claim_codes(client, settings, range(1))
     await settle(settings, redis, pool)
     path = f"/v1/claims/{claimed['claim_id']}"
     resp = await client.get(path, headers=auth(settings, "u0"))
@@ -1211,7 +1161,7 @@ async def test_a_wrong_codes_key_is_503_and_one_line_for_ops(
 
 
 def openapi_file() -> dict[str, Any]:
-    return dict(json.loads((resources.files("claim_service") / "openapi.json").read_bytes()))
+    return dict(json.loads((resources.files("claim_service.http") / "openapi.json").read_bytes()))
 
 
 async def test_openapi_is_served_from_the_file(client: Client) -> None:

@@ -16,10 +16,10 @@ from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from claim_service.config import Settings
-from claim_service.http_server import Guard
-from claim_service.signing import signed_headers
-from claim_service.web import create_apps
-from tests.conftest import ServiceClient, admin, auth
+from claim_service.fulfilment.signing import signed_headers
+from claim_service.http.server import Guard
+from claim_service.http.service import create_apps
+from tests.helpers import ServiceClient, admin, auth
 
 Client = TestClient[Any, Any]
 PARTNER = {"base_url": "http://127.0.0.1:9/", "secret": "s" * 32}

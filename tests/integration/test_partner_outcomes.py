@@ -22,28 +22,28 @@ from aiohttp.test_utils import TestClient
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
-from claim_service import periods
-from claim_service.compensation import sweep_refunds
+from claim_service.claims.writer import ClaimWriter
 from claim_service.config import Settings
-from claim_service.fulfilment import FulfilmentWorker
-from claim_service.keyspace import BenefitKeys
-from claim_service.partner_sim import PartnerSimulator
-from claim_service.partners import order_body
-from claim_service.signing import IDEMPOTENCY_HEADER, signed_headers
-from claim_service.writer import ClaimWriter
-from tests.conftest import admin, auth
-from tests.integration.test_direct_charge import (
+from claim_service.domain import periods
+from claim_service.fulfilment.compensation import _refund_in_redis, sweep_refunds
+from claim_service.fulfilment.partners import order_body
+from claim_service.fulfilment.signing import IDEMPOTENCY_HEADER, signed_headers
+from claim_service.fulfilment.worker import FulfilmentWorker
+from claim_service.local.partner_sim import PartnerSimulator
+from claim_service.store.keyspace import BenefitKeys
+from tests.helpers import (
     SECRET,
+    admin,
     assert_units_returned_once,
+    auth,
+    callback_base,
     claim_all,
+    drain,
+    fast,
     quick,
     run_until_final,
-    setup,
-    sim,
+    setup_partner,
 )
-from tests.integration.test_writer import drain, fast
-
-__all__ = ["sim"]
 
 Client = TestClient[Any, Any]
 
@@ -126,7 +126,7 @@ async def test_timed_out_orders_are_never_refunded_when_charged_nor_charged_beyo
     # requests (orders and status queries alike) meet a 500 and nothing is recorded.
     sim.config = replace(sim.config, timeout_rate=1.0, timeout_delay_s=0.4, failure_rate=0.3)
     members = 40
-    await setup(
+    await setup_partner(
         client,
         settings,
         sim,
@@ -161,7 +161,7 @@ async def test_reported_case_timed_out_charge_is_kept_and_the_member_cannot_clai
     client: Client, settings: Settings, redis: Redis, pool: asyncpg.Pool, sim: PartnerSimulator
 ) -> None:
     sim.config = replace(sim.config, timeout_rate=1.0, timeout_delay_s=0.5)
-    await setup(client, settings, sim, members=1, stock=5, max_attempts=1, timeout_s=0.1)
+    await setup_partner(client, settings, sim, members=1, stock=5, max_attempts=1, timeout_s=0.1)
     (claim_id,) = await claim_all(client, settings, 1)
     await run_until_final(quick(settings), redis, pool)
 
@@ -176,7 +176,7 @@ async def test_silent_partner_keeps_the_claim_waiting_visibly_until_it_answers(
     client: Client, settings: Settings, redis: Redis, pool: asyncpg.Pool, sim: PartnerSimulator
 ) -> None:
     sim.config = replace(sim.config, timeout_rate=1.0, timeout_delay_s=0.5)
-    await setup(client, settings, sim, members=1, stock=1, max_attempts=1, timeout_s=0.1)
+    await setup_partner(client, settings, sim, members=1, stock=1, max_attempts=1, timeout_s=0.1)
     (claim_id,) = await claim_all(client, settings, 1)
     await drain(ClaimWriter(redis, pool, fast(settings)))
     worker = FulfilmentWorker(pool, redis, quick(settings))
@@ -229,7 +229,7 @@ async def test_order_the_partner_never_received_is_refunded_exactly_once(
     client: Client, settings: Settings, redis: Redis, pool: asyncpg.Pool, sim: PartnerSimulator
 ) -> None:
     sim.config = replace(sim.config, failure_rate=1.0)
-    await setup(client, settings, sim, members=1, stock=1, max_attempts=2)
+    await setup_partner(client, settings, sim, members=1, stock=1, max_attempts=2)
     (claim_id,) = await claim_all(client, settings, 1)
     await drain(ClaimWriter(redis, pool, fast(settings)))
     worker = FulfilmentWorker(pool, redis, quick(settings))
@@ -254,7 +254,7 @@ async def test_lowered_max_attempts_sends_a_waiting_claim_to_the_status_query_no
     client: Client, settings: Settings, redis: Redis, pool: asyncpg.Pool, sim: PartnerSimulator
 ) -> None:
     sim.config = replace(sim.config, timeout_rate=1.0, timeout_delay_s=0.5)
-    await setup(client, settings, sim, members=1, stock=1, max_attempts=5, timeout_s=0.1)
+    await setup_partner(client, settings, sim, members=1, stock=1, max_attempts=5, timeout_s=0.1)
     (claim_id,) = await claim_all(client, settings, 1)
     await drain(ClaimWriter(redis, pool, fast(settings)))
     await one_round(FulfilmentWorker(pool, redis, quick(settings)))  # charged, timed out
@@ -276,7 +276,7 @@ async def test_order_the_partner_reports_failed_when_asked_is_refunded(
     client: Client, settings: Settings, redis: Redis, pool: asyncpg.Pool, sim: PartnerSimulator
 ) -> None:
     sim.config = replace(sim.config, failure_rate=1.0)
-    await setup(client, settings, sim, members=1, stock=1, max_attempts=1)
+    await setup_partner(client, settings, sim, members=1, stock=1, max_attempts=1)
     (claim_id,) = await claim_all(client, settings, 1)
     await drain(ClaimWriter(redis, pool, fast(settings)))
     worker = FulfilmentWorker(pool, redis, quick(settings))
@@ -302,7 +302,7 @@ async def test_success_reported_after_the_refund_is_one_anomaly_however_often_it
     client: Client, settings: Settings, redis: Redis, pool: asyncpg.Pool, sim: PartnerSimulator
 ) -> None:
     sim.config = replace(sim.config, reject_rate=1.0)
-    await setup(client, settings, sim, members=1, stock=1)
+    await setup_partner(client, settings, sim, members=1, stock=1)
     (claim_id,) = await claim_all(client, settings, 1)
     await run_until_final(quick(settings), redis, pool)
     assert (await anomalies(client, settings))["total"] == 0
@@ -321,7 +321,7 @@ async def test_success_for_a_failed_claim_not_yet_refunded_fulfils_it(
     client: Client, settings: Settings, redis: Redis, pool: asyncpg.Pool, sim: PartnerSimulator
 ) -> None:
     sim.config = replace(sim.config, reject_rate=1.0)
-    await setup(client, settings, sim, members=1, stock=1, on_failure="hold")
+    await setup_partner(client, settings, sim, members=1, stock=1, on_failure="hold")
     (claim_id,) = await claim_all(client, settings, 1)
     await run_until_final(quick(settings), redis, pool)
     assert await pool.fetchval("SELECT status FROM claims") == "failed"
@@ -344,7 +344,7 @@ async def test_success_racing_the_refund_sweep_fulfils_or_is_an_anomaly_never_bo
     client: Client, settings: Settings, redis: Redis, pool: asyncpg.Pool, sim: PartnerSimulator
 ) -> None:
     sim.config = replace(sim.config, reject_rate=1.0)
-    await setup(client, settings, sim, members=30, stock=30, on_failure="hold")
+    await setup_partner(client, settings, sim, members=30, stock=30, on_failure="hold")
     claims = await claim_all(client, settings, 30)
     await run_until_final(quick(settings), redis, pool)
     # Ops switch the benefit to automatic refunds while the partner's late successes arrive.
@@ -371,10 +371,8 @@ async def test_success_racing_the_refund_sweep_fulfils_or_is_an_anomaly_never_bo
 async def test_success_after_a_refund_interrupted_by_a_crash_lets_the_refund_stand(
     client: Client, settings: Settings, redis: Redis, pool: asyncpg.Pool, sim: PartnerSimulator
 ) -> None:
-    from claim_service.compensation import _refund_in_redis
-
     sim.config = replace(sim.config, reject_rate=1.0)
-    await setup(client, settings, sim, members=1, stock=1, on_failure="hold")
+    await setup_partner(client, settings, sim, members=1, stock=1, on_failure="hold")
     (claim_id,) = await claim_all(client, settings, 1)
     await run_until_final(quick(settings), redis, pool)
     # A refund got as far as Redis (unit and quota back), then the process died.
@@ -405,9 +403,9 @@ async def test_worker_and_callbacks_reporting_the_same_success_log_no_error(
         processing_rate=1.0,
         callback_delay_ms=5,
         duplicate_callback_rate=1.0,
-        callback_base=str(client.make_url("")).rstrip("/"),
+        callback_base=callback_base(client),
     )
-    await setup(client, settings, sim, members=40, stock=40)
+    await setup_partner(client, settings, sim, members=40, stock=40)
     claims = await claim_all(client, settings, 40)
     caplog.set_level(logging.INFO)
     await run_until_final(replace(quick(settings), fulfil_processing_recheck_s=0), redis, pool)

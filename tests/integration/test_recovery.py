@@ -16,19 +16,19 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from claim_service import catalogue_store, periods
-from claim_service.catalogue import parse_benefit
+from claim_service.claims.engine import ClaimEngine, ClaimRequest
+from claim_service.claims.writer import ClaimWriter
 from claim_service.config import Settings
-from claim_service.connections import create_redis
-from claim_service.embedded import free_port, valkey_binary
-from claim_service.engine import ClaimEngine, ClaimRequest
+from claim_service.domain import periods
+from claim_service.domain.catalogue import parse_benefit
 from claim_service.errors import BackendUnavailable
-from claim_service.keyspace import BenefitKeys, idem_field, text
-from claim_service.recovery import Recovery
-from claim_service.tiers import save_tiers
-from claim_service.writer import DEAD_LETTER_STREAM, ClaimWriter
-from tests.conftest import benefit_body
-from tests.integration.test_writer import drain, fast
+from claim_service.local.embedded import free_port, valkey_binary
+from claim_service.store import catalogue_store
+from claim_service.store.connections import create_redis
+from claim_service.store.keyspace import DEAD_LETTER_STREAM, BenefitKeys, idem_field, text
+from claim_service.store.recovery import Recovery
+from claim_service.store.tiers import save_tiers
+from tests.helpers import benefit_body, drain, fast
 
 
 async def _benefit(settings: Settings, redis: Redis, pool: asyncpg.Pool, stock: int, n: int):

@@ -5,17 +5,20 @@ from __future__ import annotations
 import asyncio
 
 import asyncpg
+from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
-from claim_service import catalogue_store, periods
-from claim_service.catalogue import parse_benefit
+from claim_service.claims.engine import ClaimEngine, ClaimRequest
+from claim_service.claims.writer import ClaimWriter
 from claim_service.config import Settings
-from claim_service.engine import ClaimEngine, ClaimRequest
-from claim_service.keyspace import BenefitKeys
-from claim_service.recovery import Recovery
-from claim_service.tiers import save_tiers
-from claim_service.writer import ClaimWriter
-from tests.integration.test_writer import drain, fast
+from claim_service.domain import periods
+from claim_service.domain.catalogue import parse_benefit
+from claim_service.http.service import create_app
+from claim_service.store import catalogue_store
+from claim_service.store.keyspace import BenefitKeys
+from claim_service.store.recovery import Recovery
+from claim_service.store.tiers import save_tiers
+from tests.helpers import auth, benefit_body, drain, fast
 
 
 async def test_warm_after_redis_data_loss(
@@ -71,19 +74,12 @@ async def test_warm_never_lowers_live_counters(
 
 
 def _body(stock: int) -> dict[str, object]:
-    from tests.conftest import benefit_body
-
     return benefit_body(stock=stock)
 
 
 async def test_serve_warms_an_empty_redis_on_start_up(
     settings: Settings, redis: Redis, pool: asyncpg.Pool
 ) -> None:
-    from aiohttp.test_utils import TestClient, TestServer
-
-    from claim_service.web import create_app
-    from tests.conftest import auth
-
     period = periods.current_period(settings.tz)
     benefit = parse_benefit("video", _body(stock=3), settings.tz)
     await catalogue_store.push_benefit(redis, await catalogue_store.save_benefit(pool, benefit))

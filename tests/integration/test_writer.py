@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any
 
 import asyncpg
 from redis.asyncio import Redis
 
-from claim_service import catalogue_store, periods
-from claim_service.catalogue import parse_benefit
+from claim_service.claims.engine import ClaimEngine, ClaimRequest
+from claim_service.claims.writer import ClaimWriter, ensure_group
 from claim_service.config import Settings
-from claim_service.engine import ClaimEngine, ClaimRequest
-from claim_service.keyspace import WRITER_GROUP, BenefitKeys
-from claim_service.tiers import save_tiers
-from claim_service.writer import ClaimWriter, ensure_group
-from tests.conftest import benefit_body
+from claim_service.domain import periods
+from claim_service.domain.catalogue import parse_benefit
+from claim_service.store import catalogue_store
+from claim_service.store.keyspace import WRITER_GROUP, BenefitKeys
+from claim_service.store.tiers import save_tiers
+from tests.helpers import benefit_body, drain, fast
 
 
 async def make_claims(
@@ -31,21 +33,6 @@ async def make_claims(
         *(engine.claim(ClaimRequest("video", f"m{i}", "r", "iqiyi")) for i in range(n))
     )
     return [d.claim_id for d in decisions if d.accepted and d.claim_id]
-
-
-def fast(settings: Settings) -> Settings:
-    from dataclasses import replace
-
-    return replace(settings, writer_block_ms=50)
-
-
-async def drain(writer: ClaimWriter, rounds: int = 50) -> None:
-    """Step the writer until a full round finds nothing left to do."""
-    idle = 0
-    for _ in range(rounds):
-        idle = idle + 1 if await writer.step() == 0 else 0
-        if idle >= 2:
-            return
 
 
 async def test_writer_persists_each_claim_once(
@@ -82,8 +69,6 @@ async def test_replayed_entries_make_no_second_row(
 async def test_pending_entries_of_a_dead_writer_are_taken_over(
     settings: Settings, redis: Redis, pool: asyncpg.Pool
 ) -> None:
-    from dataclasses import replace
-
     accepted = await make_claims(settings, redis, pool, 50)
     keys = BenefitKeys("video")
     await ensure_group(redis, keys.stream)

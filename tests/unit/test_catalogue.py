@@ -7,8 +7,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from claim_service import periods
-from claim_service.catalogue import parse_benefit
+from claim_service.domain import periods
+from claim_service.domain.catalogue import parse_benefit
 from claim_service.errors import ValidationError
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")

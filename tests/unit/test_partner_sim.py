@@ -12,9 +12,15 @@ import orjson
 import pytest
 from aiohttp import web
 
-from claim_service.embedded import free_port
-from claim_service.partner_sim import PartnerSimulator, SimConfig
-from claim_service.signing import IDEMPOTENCY_HEADER, SignatureError, signed_headers, verify
+from claim_service.fulfilment.signing import (
+    IDEMPOTENCY_HEADER,
+    SignatureError,
+    signed_headers,
+    verify,
+)
+from claim_service.local.embedded import free_port
+from claim_service.local.partner_sim import PartnerSimulator
+from claim_service.local.partner_sim_config import SimConfig
 
 SECRET = "test-partner-secret"
 

@@ -1,0 +1,339 @@
+"""The claims engine: coalesces concurrent claims per benefit into one ``claim.lua`` call.
+
+Concurrent requests for the same benefit that arrive within one event-loop turn are decided
+by a single EVALSHA (up to ``batch_max`` each), so the Redis round trip is shared. Redis's
+clock decides: the engine proposes the period its own clock (corrected by what Redis last
+said the time was) points at, and ``claim.lua`` sends it back when Redis disagrees. A benefit
+Redis cannot vouch for (``unverified``) is recovered first. The engine knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from claim_service import metrics
+from claim_service.claims.benefit_cache import BenefitCache
+from claim_service.config import Settings
+from claim_service.domain import periods
+from claim_service.domain.catalogue import Benefit
+from claim_service.errors import BackendUnavailable, NotFoundError, ValidationError
+from claim_service.store.keyspace import (
+    PERIOD_KEY_TTL_S,
+    STALE_RETRIES,
+    BenefitKeys,
+    Scripts,
+    text,
+)
+from claim_service.store.recovery import Recovery
+
+log = logging.getLogger(__name__)
+
+ACCEPTED = ("ok", "dup")
+RESULT_WIDTH = 6
+MAX_REQUEST_ID = 64
+MAX_ACCOUNT = 128
+
+
+def new_claim_id() -> str:
+    """Time-ordered, 32 hex characters: 48-bit milliseconds then 80 random bits."""
+    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(10)}"
+
+
+@dataclass(frozen=True)
+class ClaimRequest:
+    benefit_id: str
+    user_id: str
+    request_id: str
+    option_id: str | None = None
+    account: str = ""
+
+
+@dataclass(frozen=True)
+class ClaimDecision:
+    """What ``claim.lua`` decided for one request.
+
+    ``code`` is ``ok`` (accepted now), ``dup`` (the same request accepted earlier) or a
+    rejection: ``paused``, ``not_open``, ``closed``, ``unknown_option``, ``tier``, ``quota``,
+    ``sold_out``, ``option_sold_out``.
+    """
+
+    code: str
+    benefit_id: str
+    option_id: str
+    period: str
+    stock_left: int
+    tier: int
+    claim_id: str | None = None
+    created_at: datetime | None = None
+    used: int = 0
+    quota: int = 0
+    opens_at: datetime | None = None
+
+    @property
+    def accepted(self) -> bool:
+        return self.code in ACCEPTED
+
+
+@dataclass
+class _Pending:
+    request: ClaimRequest
+    option_id: str
+    claim_id: str
+    future: asyncio.Future[ClaimDecision]
+
+
+@dataclass(frozen=True)
+class Span:
+    """The period a batch is proposed for, its bounds and its release window (unix ms)."""
+
+    period: str
+    previous: str | None
+    tiers_period: str
+    start_ms: int
+    end_ms: int
+    opens: datetime
+    opens_ms: int
+    closes_ms: int
+
+
+class ClaimEngine:
+    """Decides claims; one instance per process, shared by every request handler.
+
+    With ``pool`` the engine recovers a benefit Redis cannot vouch for by itself; without
+    it, such claims answer ``BackendUnavailable`` until something else (``warm``, another
+    process's ``Recovery.watch``) has.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        settings: Settings,
+        *,
+        pool: asyncpg.Pool | None = None,
+        calendar: periods.Calendar | None = None,
+    ) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.tz = settings.tz
+        self.calendar = calendar or periods.Calendar(settings.tz)
+        self.scripts = Scripts(redis)
+        self.recovery = Recovery(pool, redis, settings, self.calendar) if pool else None
+        self.catalogue = BenefitCache(redis, self.tz, self.recovery)
+        self._queues: dict[str, list[_Pending]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Redis's clock minus ours, learned from every batch: the period proposed for a
+        # claim is the one Redis's clock points at, not a drifting local one.
+        self.clock_offset_ms = 0
+        self.batches = 0
+        self.batched_claims = 0
+
+    # -- catalogue -----------------------------------------------------------------------
+
+    async def benefit(self, benefit_id: str, *, refresh: bool = False) -> Benefit | None:
+        """The benefit as pushed to Redis (cached; ``refresh`` reads it again)."""
+        return await self.catalogue.get(benefit_id, refresh=refresh)
+
+    async def benefit_ids(self) -> list[str]:
+        return await self.catalogue.benefit_ids()
+
+    def window(self, benefit: Benefit, period: str) -> tuple[datetime, datetime | None]:
+        return benefit.release.window(period, self.tz)
+
+    def now(self) -> datetime:
+        """Now on the release calendar, by Redis's clock as last seen."""
+        return periods.from_ms(self._redis_ms() + self.calendar.shift_ms, self.tz)
+
+    def _redis_ms(self) -> int:
+        return int(time.time() * 1000) + self.clock_offset_ms
+
+    def current_period(self, benefit: Benefit) -> str:
+        """The period a claim on ``benefit`` decided now counts against."""
+        return benefit.release.period_at(self.now(), self.tz)
+
+    def span(self, benefit: Benefit, redis_ms: int) -> Span:
+        """What ``claim.lua`` needs to decide for ``benefit`` at ``redis_ms``."""
+        month = self.calendar.period_at(redis_ms)
+        if benefit.release.fixed_period:
+            period = benefit.release.period_at(self.now(), self.tz)
+            previous, start, end = None, 0, 0
+        else:
+            period = month
+            previous = periods.previous_period(period)
+            start, end = self.calendar.bounds_ms(period)
+        opens, closes = self.window(benefit, period)
+        return Span(
+            period,
+            previous,
+            month,
+            start,
+            end,
+            opens,
+            self.calendar.real_ms(opens),
+            self.calendar.real_ms(closes) if closes else 0,
+        )
+
+    def next_opening(self, benefit: Benefit, now: datetime | None = None) -> datetime | None:
+        """The next time claims open, or ``None`` when the release is over for good."""
+        now = now or self.now()
+        period = benefit.release.period_at(now, self.tz)
+        opens, closes = self.window(benefit, period)
+        if now < opens:
+            return opens
+        if closes is None or now < closes:
+            return opens  # open now
+        if benefit.release.type == "monthly":
+            return self.window(benefit, periods.next_period(period))[0]
+        return None
+
+    # -- claims --------------------------------------------------------------------------
+
+    async def claim(self, request: ClaimRequest) -> ClaimDecision:
+        """Decide one claim (coalesced with concurrent ones into a batch)."""
+        benefit = await self.benefit(request.benefit_id)
+        if benefit is None:
+            raise NotFoundError("unknown_benefit", f"no benefit {request.benefit_id!r}")
+        option_id = request.option_id
+        if option_id is None:
+            if len(benefit.options) != 1:
+                choices = ", ".join(o.option_id for o in benefit.options)
+                raise ValidationError(
+                    f"option_id is required for this benefit (one of: {choices})",
+                    field="option_id",
+                )
+            option_id = benefit.options[0].option_id
+        # An option this copy of the benefit lacks still goes to claim.lua: a retry of an
+        # accepted request must get its claim back, and the option may be newer than the copy.
+        loop = asyncio.get_running_loop()
+        pending = _Pending(request, option_id, new_claim_id(), loop.create_future())
+        queue = self._queues.get(request.benefit_id)
+        if queue is None:
+            queue = self._queues[request.benefit_id] = []
+            # Flush on the next loop turn: every request parsed in this turn joins the batch.
+            loop.call_soon(self._flush, request.benefit_id)
+        queue.append(pending)
+        return await pending.future
+
+    def _flush(self, benefit_id: str) -> None:
+        queue = self._queues.pop(benefit_id, [])
+        size = self.settings.batch_max
+        for start in range(0, len(queue), size):
+            task = asyncio.create_task(self._run_batch(benefit_id, queue[start : start + size]))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run_batch(self, benefit_id: str, batch: list[_Pending]) -> None:
+        try:
+            decisions = await self._decide(benefit_id, batch)
+        except Exception as exc:  # every waiter must hear about a failed batch
+            if not isinstance(exc, BackendUnavailable | NotFoundError):
+                log.exception("claim batch for %s failed", benefit_id)
+                exc = BackendUnavailable("claim could not be decided")
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            return
+        for item, decision in zip(batch, decisions, strict=True):
+            if not item.future.done():
+                item.future.set_result(decision)
+
+    async def _decide(self, benefit_id: str, batch: list[_Pending]) -> list[ClaimDecision]:
+        keys = BenefitKeys(benefit_id)
+        redis_ms = self._redis_ms()
+        recovered = False
+        for _attempt in range(STALE_RETRIES + 3):
+            benefit = await self.benefit(benefit_id)
+            if benefit is None:
+                raise NotFoundError("unknown_benefit", f"no benefit {benefit_id!r}")
+            span = self.span(benefit, redis_ms)
+            argv: list[Any] = [
+                benefit.version,
+                span.period,
+                span.start_ms,
+                span.end_ms,
+                span.opens_ms,
+                span.closes_ms,
+                PERIOD_KEY_TTL_S,
+                len(batch),
+            ]
+            for item in batch:
+                req = item.request
+                argv += [req.user_id, req.request_id, item.option_id, item.claim_id, req.account]
+            sent_at = time.time()
+            try:
+                raw = await self.scripts.claim(
+                    keys=keys.claim_keys(span.period, span.previous, span.tiers_period), args=argv
+                )
+            except RedisError as exc:
+                raise BackendUnavailable("Redis is unavailable") from exc
+            self.batches += 1
+            self.batched_claims += len(batch)
+            head = text(raw[0])
+            if head == "unverified":
+                if self.recovery is None or recovered:
+                    raise BackendUnavailable("the benefit's counters are being recovered; retry")
+                recovered = True
+                if not await self.recovery.ensure_benefit(benefit_id):
+                    self.catalogue.forget(benefit_id)
+                    raise NotFoundError("unknown_benefit", f"no benefit {benefit_id!r}")
+                await self.benefit(benefit_id, refresh=True)
+                continue
+            if head == "missing":
+                self.catalogue.forget(benefit_id)
+                raise NotFoundError("unknown_benefit", f"no benefit {benefit_id!r}")
+            if head == "stale":
+                await self.benefit(benefit_id, refresh=True)
+                continue
+            redis_ms = int(raw[1])
+            self.clock_offset_ms = redis_ms - int((sent_at + time.time()) * 500)
+            if head == "period":  # our clock and Redis's disagree on the period: Redis wins
+                continue
+            width = RESULT_WIDTH
+            decisions = [
+                self._decision(benefit, span, raw[2 + i * width : 2 + (i + 1) * width])
+                for i in range(len(batch))
+            ]
+            metrics.CLAIM_BATCH_SIZE.set(len(batch))
+            for decision in decisions:
+                metrics.CLAIM_DECISIONS.labels(decision.code).inc()
+            return decisions
+        raise BackendUnavailable("benefit configuration kept changing; retry")
+
+    def _decision(self, benefit: Benefit, span: Span, row: list[Any]) -> ClaimDecision:
+        code, claim_id, option_id = text(row[0]), text(row[1]), text(row[2])
+        stock_left, tier, extra = int(row[3]), int(row[4]), int(row[5])
+        created = periods.from_ms(extra, self.tz) if code in ACCEPTED else None
+        opens_at = None
+        if code == "not_open":
+            opens_at = span.opens
+        elif code == "closed":
+            opens_at = self.next_opening(benefit)
+        return ClaimDecision(
+            code=code,
+            benefit_id=benefit.benefit_id,
+            option_id=option_id,
+            period=span.period,
+            stock_left=max(stock_left, 0),
+            tier=tier,
+            claim_id=claim_id or None,
+            created_at=created,
+            used=extra if code == "quota" else 0,
+            quota=benefit.quota_for(tier),
+            opens_at=opens_at,
+        )
+
+    async def drain(self) -> None:
+        """Wait for batches already sent to Redis (used on shutdown)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- member views --------------------------------------------------------------------

@@ -1,0 +1,98 @@
+"""What a member sees of the catalogue: each benefit with eligibility, quota, stock and
+opening, as of now on the release calendar (read from Redis, never deciding anything)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from claim_service.claims.engine import ClaimEngine
+from claim_service.domain import periods
+from claim_service.domain.catalogue import Benefit
+from claim_service.errors import BackendUnavailable
+from claim_service.store.keyspace import BenefitKeys, tiers_key
+
+
+async def member_catalogue(engine: ClaimEngine, user_id: str) -> list[dict[str, Any]]:
+    """Every benefit as the member sees it now: eligibility, quota, stock, opening."""
+    now = engine.now()
+    ids = await engine.benefit_ids()
+    benefits: list[Benefit] = []
+    try:
+        async with engine.redis.pipeline(transaction=False) as pipe:
+            for bid in ids:
+                pipe.hget(BenefitKeys(bid).config, "version")
+            versions = await pipe.execute()
+        for bid, version in zip(ids, versions, strict=True):
+            if version is None:
+                continue
+            # The parsed benefit is reused while its version stands: no JSON per request.
+            benefit = engine.catalogue.cached(bid)
+            if benefit is None or benefit.version != int(version):
+                benefit = await engine.benefit(bid, refresh=True)
+            if benefit is not None:
+                benefits.append(benefit)
+        async with engine.redis.pipeline(transaction=False) as pipe:
+            pipe.hget(tiers_key(periods.period_of(now, engine.tz)), user_id)
+            for benefit in benefits:
+                period = benefit.release.period_at(now, engine.tz)
+                keys = BenefitKeys(benefit.benefit_id)
+                pipe.hmget(keys.stock(period), ["added", "taken"])
+                pipe.hget(keys.used(period), user_id)
+            results = await pipe.execute()
+    except RedisError as exc:
+        raise BackendUnavailable("Redis is unavailable") from exc
+    tier = int(results[0]) if results[0] is not None else 0
+    views = []
+    for i, benefit in enumerate(benefits):
+        (added, taken), used = results[1 + 2 * i : 3 + 2 * i]
+        period = benefit.release.period_at(now, engine.tz)
+        stock_left = benefit.stock_per_period + int(added or 0) - int(taken or 0)
+        views.append(_view(engine, benefit, period, now, tier, int(used or 0), max(stock_left, 0)))
+    return views
+
+
+def _view(
+    engine: ClaimEngine,
+    benefit: Benefit,
+    period: str,
+    now: datetime,
+    tier: int,
+    used: int,
+    left: int,
+) -> dict[str, Any]:
+    opens, closes = engine.window(benefit, period)
+    allowed = benefit.quota_for(tier)
+    reason = None
+    if tier < benefit.min_tier:
+        reason = "tier_too_low"
+    elif used >= allowed:
+        reason = "quota_exceeded"
+    elif benefit.paused:
+        reason = "paused"
+    elif now < opens:
+        reason = "not_open"
+    elif closes is not None and now >= closes:
+        reason = "closed"
+    elif left <= 0:
+        reason = "sold_out"
+    next_open = engine.next_opening(benefit, now)
+    return {
+        "benefit_id": benefit.benefit_id,
+        "name": benefit.name,
+        "min_tier": benefit.min_tier,
+        "period": period,
+        "options": [
+            {"option_id": o.option_id, "name": o.name, "kind": o.kind} for o in benefit.options
+        ],
+        "can_claim": reason is None,
+        "reason": reason,
+        "tier": tier,
+        "quota": {"used": used, "allowed": allowed},
+        "stock_left": left,
+        "paused": benefit.paused,
+        "opens_at": next_open.isoformat() if next_open else None,
+        "closes_at": closes.isoformat() if closes else None,
+    }

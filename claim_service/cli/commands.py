@@ -1,0 +1,194 @@
+"""The commands other than ``serve``: workers, migrations, recovery, loading, tooling."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import start_http_server
+
+from claim_service.claims.writer import ClaimWriter
+from claim_service.cli.runtime import (
+    METRICS_HOST,
+    refuse_dev_secrets,
+    run_async,
+    stop_event,
+    warn_dev_defaults,
+    with_pools,
+)
+from claim_service.config import Settings
+from claim_service.domain import periods
+from claim_service.fulfilment.vault import Vault
+from claim_service.fulfilment.vouchers import load_codes, pool_levels, read_code_csv
+from claim_service.fulfilment.worker import FulfilmentWorker
+from claim_service.http.auth import mint_token
+from claim_service.http.server import file_limit
+from claim_service.local.demo import run_demo
+from claim_service.local.demo_report import DemoOptions
+from claim_service.local.embedded import EmbeddedServers
+from claim_service.store.connections import create_pg_pool
+from claim_service.store.migrations import migrate
+from claim_service.store.recovery import Recovery
+from claim_service.store.tiers import check_user_id, load_tier_csv
+
+
+def cmd_migrate(settings: Settings, args: argparse.Namespace, *, out: Any = None) -> int:
+    async def main() -> int:
+        _, database_url = settings.require_urls()
+        pool = await create_pg_pool(database_url, max_size=1)
+        try:
+            async with pool.acquire() as conn:
+                applied = await migrate(conn)
+        finally:
+            await pool.close()
+        summary = ", ".join(applied)
+        print(
+            f"applied {len(applied)} migration(s)" + (f": {summary}" if applied else ""),
+            file=out or sys.stdout,
+        )
+        return 0
+
+    return run_async(main())
+
+
+def cmd_warm(settings: Settings, args: argparse.Namespace) -> int:
+    async def body(redis: Any, pool: Any) -> int:
+        wanted = args.period or [periods.current_period(settings.tz)]
+        for period in wanted:
+            periods.parse_period(period)
+        started = time.monotonic()
+        report = await Recovery(pool, redis, settings).ensure_all(force=True, tier_periods=wanted)
+        print(
+            f"warmed Redis from PostgreSQL in {time.monotonic() - started:.1f}s: "
+            f"{report.benefits} benefit(s) rebuilt, {report.tiers} tier row(s) for "
+            f"{', '.join(wanted)}"
+        )
+        return 0
+
+    return run_async(with_pools(settings, body))
+
+
+def cmd_load_tiers(settings: Settings, args: argparse.Namespace) -> int:
+    periods.parse_period(args.period)
+
+    async def body(redis: Any, pool: Any) -> int:
+        started = time.monotonic()
+
+        def progress(n: int) -> None:
+            rate = n / max(time.monotonic() - started, 1e-6)
+            print(f"\r  loaded {n:,} rows ({rate:,.0f}/s)", end="", file=sys.stderr, flush=True)
+
+        total = await load_tier_csv(pool, redis, Path(args.file), args.period, progress)
+        print(file=sys.stderr)
+        print(f"loaded {total:,} tier rows for {args.period} in {time.monotonic() - started:.1f}s")
+        return 0
+
+    return run_async(with_pools(settings, body))
+
+
+def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
+    print(mint_token(settings, check_user_id(args.user_id), args.ttl))
+    return 0
+
+
+def cmd_writer(settings: Settings, args: argparse.Namespace) -> int:
+    async def body(redis: Any, pool: Any) -> int:
+        writer = ClaimWriter(redis, pool, settings, consumer=args.name)
+        await writer.run(stop_event())
+        return 0
+
+    return run_async(with_pools(settings, body))
+
+
+def cmd_fulfil(settings: Settings, args: argparse.Namespace) -> int:
+    settings.require_urls()
+    # fulfil decrypts codes and partner secrets: only the codes key matters to it.
+    dev_secrets = [name for name in settings.dev_defaults() if name == "CLAIM_CODES_KEY"]
+    refuse_dev_secrets(dev_secrets, settings.exposure([METRICS_HOST]), args.insecure_dev)
+    warn_dev_defaults(settings)
+    file_limit()
+    if args.metrics_port:
+        start_http_server(args.metrics_port, addr=METRICS_HOST)
+
+    async def body(redis: Any, pool: Any) -> int:
+        stop = stop_event()
+        # Refunds wait while a benefit is being recovered: make sure something recovers it.
+        watch = asyncio.create_task(Recovery(pool, redis, settings).watch(stop))
+        try:
+            await FulfilmentWorker(pool, redis, settings, name=args.name).run(stop)
+        finally:
+            stop.set()
+            await watch
+        return 0
+
+    return run_async(with_pools(settings, body, pg_size=10))
+
+
+def cmd_load_codes(settings: Settings, args: argparse.Namespace) -> int:
+    async def body(redis: Any, pool: Any) -> int:
+        report = await load_codes(
+            pool,
+            redis,
+            Vault(settings.codes_key),
+            args.benefit,
+            args.option,
+            read_code_csv(Path(args.file), settings.tz),
+        )
+        levels = [
+            lv for lv in await pool_levels(pool, args.benefit) if lv["option_id"] == args.option
+        ]
+        free = levels[0]["free"] if levels else 0
+        print(
+            f"loaded {report.loaded:,} code(s) for {args.benefit}/{args.option} "
+            f"({report.duplicates:,} duplicate(s) skipped, {report.expired:,} already "
+            f"expired); {free:,} free in the pool"
+        )
+        return 0
+
+    return run_async(with_pools(settings, body))
+
+
+def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
+    servers = EmbeddedServers(Path(args.data_dir) if args.data_dir else settings.data_dir)
+    with servers:
+        local = settings.with_urls(servers.redis_url, servers.database_url)
+        # stdout carries only the export line, for people and scripts to copy.
+        cmd_migrate(local, args, out=sys.stderr)
+        print(
+            f"export CLAIM_REDIS_URL={servers.redis_url} CLAIM_DATABASE_URL={servers.database_url}",
+            flush=True,
+        )
+        print("servers are up; press Ctrl-C to stop them", file=sys.stderr, flush=True)
+        stop = {"now": False}
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            stop["now"] = True
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        while not stop["now"]:
+            if servers.valkey.proc and servers.valkey.proc.poll() is not None:
+                print("valkey-server exited", file=sys.stderr)
+                return 1
+            if servers.postgres.proc and servers.postgres.proc.poll() is not None:
+                print("postgres exited", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+        print("stopping servers", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
+    options = DemoOptions(
+        stock=args.stock,
+        members=args.members,
+        concurrency=args.concurrency,
+        retries=args.retries,
+        codes=args.codes,
+    )
+    return run_demo(settings, options)

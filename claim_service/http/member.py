@@ -1,0 +1,241 @@
+"""Member-facing routes (claim, look up claims, the catalogue, health, the OpenAPI doc) and
+the ops listener's health and ``/metrics``."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from importlib import resources
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from redis.exceptions import RedisError
+
+from claim_service import metrics
+from claim_service.claims.engine import MAX_ACCOUNT, MAX_REQUEST_ID, ClaimDecision, ClaimRequest
+from claim_service.claims.records import find_claim, format_time, member_claims
+from claim_service.claims.views import member_catalogue
+from claim_service.domain import periods
+from claim_service.domain.catalogue import ID_RE
+from claim_service.errors import BackendUnavailable, NotFoundError, ValidationError
+from claim_service.fulfilment.vouchers import reveal
+from claim_service.http.app import (
+    ENGINE,
+    PG,
+    REDIS,
+    SETTINGS,
+    VAULT,
+    VERIFIER,
+    error_response,
+    json_response,
+    read_json,
+)
+from claim_service.http.auth import bearer
+
+READY_TIMEOUT_S = 2.0
+METRICS = web.AppKey("metrics", CollectorRegistry)
+# Request ids and partner accounts travel in headers, logs and partner APIs: keep them plain.
+PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]+\Z")
+
+# claim.lua code -> (HTTP status, error code)
+REJECTIONS = {
+    "paused": (423, "paused"),
+    "not_open": (425, "not_open"),
+    "closed": (410, "closed"),
+    "unknown_option": (404, "unknown_option"),
+    "tier": (403, "tier_too_low"),
+    "quota": (409, "quota_exceeded"),
+    "sold_out": (410, "sold_out"),
+    "option_sold_out": (410, "sold_out"),
+}
+
+
+def member(request: web.Request) -> str:
+    return request.app[VERIFIER].verify(bearer(request.headers.get("Authorization")))
+
+
+def _benefit_id(request: web.Request) -> str:
+    benefit_id = request.match_info["benefit_id"]
+    if not ID_RE.match(benefit_id):
+        raise NotFoundError("unknown_benefit", "no such benefit")
+    return benefit_id
+
+
+def parse_claim_body(data: dict[str, Any]) -> tuple[str, str | None, str]:
+    request_id = data.get("request_id")
+    if (
+        not isinstance(request_id, str)
+        or not PRINTABLE_ASCII.match(request_id)
+        or not (0 < len(request_id) <= MAX_REQUEST_ID)
+    ):
+        raise ValidationError(
+            f"request_id must be a string of 1..{MAX_REQUEST_ID} printable ASCII characters",
+            field="request_id",
+        )
+    option_id = data.get("option_id")
+    if option_id is not None:
+        if not isinstance(option_id, str):
+            raise ValidationError("option_id must be a string", field="option_id")
+        if not ID_RE.match(option_id):
+            raise NotFoundError("unknown_option", f"benefit has no option {option_id!r}")
+    account = data.get("account", "")
+    if account is None:
+        account = ""
+    if (
+        not isinstance(account, str)
+        or len(account) > MAX_ACCOUNT
+        or (account and not PRINTABLE_ASCII.match(account))
+    ):
+        raise ValidationError(
+            f"account must be a string of at most {MAX_ACCOUNT} printable ASCII characters",
+            field="account",
+        )
+    return request_id, option_id, account
+
+
+async def post_claim(request: web.Request) -> web.Response:
+    user_id = member(request)
+    benefit_id = _benefit_id(request)
+    data = await read_json(request, request.app[SETTINGS].max_body_bytes)
+    request_id, option_id, account = parse_claim_body(data)
+    decision = await request.app[ENGINE].claim(
+        ClaimRequest(benefit_id, user_id, request_id, option_id, account)
+    )
+    return decision_response(decision, request.app[SETTINGS].tz)
+
+
+def decision_response(decision: ClaimDecision, tz: ZoneInfo) -> web.Response:
+    if decision.accepted:
+        body = {
+            "claim_id": decision.claim_id,
+            "status": "accepted",
+            "benefit_id": decision.benefit_id,
+            "option_id": decision.option_id,
+            "period": decision.period,
+            "stock_left": decision.stock_left,
+            "created_at": format_time(decision.created_at, tz) if decision.created_at else None,
+            "replayed": decision.code == "dup",
+        }
+        return json_response(body, 200 if decision.code == "dup" else 202)
+    status, code = REJECTIONS[decision.code]
+    extra: dict[str, Any] = {"benefit_id": decision.benefit_id, "period": decision.period}
+    if decision.code == "not_open":
+        message = "this benefit is not open yet"
+    elif decision.code == "closed":
+        message = "this release has closed"
+    elif decision.code == "paused":
+        message = "claims for this benefit are paused"
+    elif decision.code == "tier":
+        message = "your tier does not qualify for this benefit"
+        extra["tier"] = decision.tier
+    elif decision.code == "quota":
+        message = "you have used your quota for this period"
+        extra["quota"] = {"used": decision.used, "allowed": decision.quota}
+    elif decision.code == "option_sold_out":
+        message = f"option {decision.option_id!r} is sold out"
+        extra["option_id"] = decision.option_id
+    elif decision.code == "unknown_option":
+        message = f"benefit has no option {decision.option_id!r}"
+    else:
+        message = "sold out for this period"
+    if decision.code in ("not_open", "closed"):
+        extra["opens_at"] = decision.opens_at.isoformat() if decision.opens_at else None
+    if decision.code in ("sold_out", "option_sold_out"):
+        extra["stock_left"] = decision.stock_left
+    return error_response(status, code, message, **extra)
+
+
+async def get_claim(request: web.Request) -> web.Response:
+    user_id = member(request)
+    app = request.app
+    try:
+        claim = await find_claim(
+            app[PG], app[REDIS], request.match_info["claim_id"], app[SETTINGS].tz
+        )
+    except RedisError as exc:
+        raise BackendUnavailable("Redis is unavailable") from exc
+    if claim is None or claim.pop("user_id") != user_id:
+        raise NotFoundError("unknown_claim", "no such claim")
+    if claim["status"] == "fulfilled":
+        voucher = await reveal(app[PG], app[VAULT], claim["claim_id"])
+        if voucher is not None:
+            claim["voucher"] = voucher
+    return json_response(claim)
+
+
+async def list_my_claims(request: web.Request) -> web.Response:
+    user_id = member(request)
+    tz = request.app[SETTINGS].tz
+    period = request.query.get("period")
+    if period is None:
+        period = periods.current_period(tz)
+    periods.parse_period(period)
+    claims = await member_claims(request.app[PG], user_id, period, tz)
+    return json_response({"period": period, "claims": claims})
+
+
+async def list_benefits(request: web.Request) -> web.Response:
+    user_id = member(request)
+    views = await member_catalogue(request.app[ENGINE], user_id)
+    return json_response({"benefits": views})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    checks: dict[str, str] = {}
+
+    async def redis_ok() -> None:
+        await request.app[REDIS].ping()
+
+    async def pg_ok() -> None:
+        await request.app[PG].fetchval("SELECT 1")
+
+    for name, probe in (("redis", redis_ok), ("postgres", pg_ok)):
+        try:
+            await asyncio.wait_for(probe(), READY_TIMEOUT_S)
+            checks[name] = "ok"
+        except Exception as exc:  # any failure means not ready
+            checks[name] = f"error: {type(exc).__name__}"
+    ready = all(v == "ok" for v in checks.values())
+    return json_response(
+        {"status": "ready" if ready else "unavailable", "checks": checks}, 200 if ready else 503
+    )
+
+
+def openapi_document() -> bytes:
+    return (resources.files("claim_service.http") / "openapi.json").read_bytes()
+
+
+async def prometheus_metrics(request: web.Request) -> web.Response:
+    """Every worker's metrics, merged; a scrape touches neither Redis nor PostgreSQL."""
+    response = web.Response(body=generate_latest(request.app[METRICS]))
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=openapi_document(), content_type="application/json")
+
+
+def add_routes(app: web.Application) -> None:
+    """The member listener's routes."""
+    app.router.add_post("/v1/benefits/{benefit_id}/claims", post_claim)
+    app.router.add_get("/v1/claims/{claim_id}", get_claim)
+    app.router.add_get("/v1/me/claims", list_my_claims)
+    app.router.add_get("/v1/benefits", list_benefits)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/openapi.json", openapi)
+
+
+def add_ops_routes(app: web.Application) -> None:
+    """Health and metrics on the admin listener."""
+    app[METRICS] = metrics.registry()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", prometheus_metrics)

@@ -1,0 +1,185 @@
+"""The catalogue in PostgreSQL (source of truth) and its copy in Redis.
+
+Every change bumps the benefit's ``version`` in PostgreSQL first and then pushes the whole
+configuration to Redis; ``push_config.lua`` refuses to go backwards, so concurrent pushes
+converge on the newest version. Rebuilding Redis's counters is ``recovery``'s job.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import asyncpg
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from claim_service.domain.catalogue import Benefit, parse_benefit
+from claim_service.errors import BackendUnavailable, NotFoundError
+from claim_service.store.keyspace import CATALOGUE_KEY, PERIOD_KEY_TTL_S, BenefitKeys, Scripts
+
+log = logging.getLogger(__name__)
+
+
+def config_fields(benefit: Benefit) -> dict[str, str | int]:
+    """The cfg hash read by ``claim.lua`` and by the engine's catalogue cache."""
+    fields: dict[str, str | int] = {
+        "version": benefit.version,
+        "paused": "1" if benefit.paused else "0",
+        "min_tier": benefit.min_tier,
+        "stock": benefit.stock_per_period,
+        "quota": ",".join(f"{s.min_tier}:{s.per_period}" for s in benefit.quota),
+        "benefit_id": benefit.benefit_id,
+        "json": orjson.dumps(benefit.to_json()).decode(),
+    }
+    for option in benefit.options:
+        fields["opt:" + option.option_id] = -1 if option.stock_cap is None else option.stock_cap
+        if option.kind == "card_key":
+            fields["card:" + option.option_id] = 1
+    return fields
+
+
+async def push_benefit(redis: Redis, benefit: Benefit) -> bool:
+    keys = BenefitKeys(benefit.benefit_id)
+    argv: list[Any] = [benefit.version, benefit.benefit_id]
+    for name, value in config_fields(benefit).items():
+        argv += [name, value]
+    try:
+        written = await Scripts(redis).push_config(keys=[keys.config, CATALOGUE_KEY], args=argv)
+    except RedisError as exc:
+        raise BackendUnavailable("could not push the benefit to Redis") from exc
+    return bool(written)
+
+
+def benefit_from_config(raw_json: bytes | str, version: int, tz: ZoneInfo) -> Benefit:
+    data = orjson.loads(raw_json)
+    return parse_benefit(data["benefit_id"], data, tz, version=version)
+
+
+async def save_benefit(pool: asyncpg.Pool, benefit: Benefit) -> Benefit:
+    """Create or replace a benefit and its options; returns it with its new version."""
+    quota = orjson.dumps(
+        [{"min_tier": s.min_tier, "per_period": s.per_period} for s in benefit.quota]
+    ).decode()
+    release = orjson.dumps(benefit.release.to_json()).decode()
+    async with pool.acquire() as conn, conn.transaction():
+        version = await conn.fetchval(
+            """INSERT INTO benefits (benefit_id, name, min_tier, quota, stock_per_period,
+                                     release, paused, on_failure)
+               VALUES ($1, $2, $3, $4::jsonb, $5, $6::jsonb, $7, $8)
+               ON CONFLICT (benefit_id) DO UPDATE SET
+                   name = EXCLUDED.name, min_tier = EXCLUDED.min_tier,
+                   quota = EXCLUDED.quota, stock_per_period = EXCLUDED.stock_per_period,
+                   release = EXCLUDED.release, paused = EXCLUDED.paused,
+                   on_failure = EXCLUDED.on_failure,
+                   version = benefits.version + 1, updated_at = now()
+               RETURNING version""",
+            benefit.benefit_id,
+            benefit.name,
+            benefit.min_tier,
+            quota,
+            benefit.stock_per_period,
+            release,
+            benefit.paused,
+            benefit.on_failure,
+        )
+        await conn.execute("DELETE FROM benefit_options WHERE benefit_id = $1", benefit.benefit_id)
+        await conn.executemany(
+            """INSERT INTO benefit_options (benefit_id, option_id, position, name, kind,
+                                            partner, sku, stock_cap)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8)""",
+            [
+                (benefit.benefit_id, o.option_id, i, o.name, o.kind, o.partner, o.sku, o.stock_cap)
+                for i, o in enumerate(benefit.options)
+            ],
+        )
+    return replace(benefit, version=int(version))
+
+
+async def load_benefits(
+    pool: asyncpg.Pool, tz: ZoneInfo, benefit_id: str | None = None
+) -> list[Benefit]:
+    rows = await pool.fetch(
+        """SELECT b.*, coalesce(json_agg(json_build_object(
+                      'option_id', o.option_id, 'name', o.name, 'kind', o.kind,
+                      'partner', o.partner, 'sku', o.sku, 'stock_cap', o.stock_cap)
+                      ORDER BY o.position) FILTER (WHERE o.option_id IS NOT NULL), '[]') AS options
+           FROM benefits b LEFT JOIN benefit_options o USING (benefit_id)
+           WHERE $1::text IS NULL OR b.benefit_id = $1
+           GROUP BY b.benefit_id ORDER BY b.benefit_id""",
+        benefit_id,
+    )
+    benefits = []
+    for row in rows:
+        data = {
+            "name": row["name"],
+            "min_tier": row["min_tier"],
+            "quota": orjson.loads(row["quota"]),
+            "stock_per_period": row["stock_per_period"],
+            "release": orjson.loads(row["release"]),
+            "paused": row["paused"],
+            "on_failure": row["on_failure"],
+            "options": orjson.loads(row["options"]),
+        }
+        benefits.append(parse_benefit(row["benefit_id"], data, tz, version=row["version"]))
+    return benefits
+
+
+async def load_benefit(pool: asyncpg.Pool, tz: ZoneInfo, benefit_id: str) -> Benefit:
+    found = await load_benefits(pool, tz, benefit_id)
+    if not found:
+        raise NotFoundError("unknown_benefit", f"no benefit {benefit_id!r}")
+    return found[0]
+
+
+async def set_paused(
+    pool: asyncpg.Pool, redis: Redis, tz: ZoneInfo, benefit_id: str, paused: bool
+) -> Benefit:
+    updated = await pool.fetchval(
+        """UPDATE benefits SET paused = $2, version = version + 1, updated_at = now()
+           WHERE benefit_id = $1 RETURNING version""",
+        benefit_id,
+        paused,
+    )
+    if updated is None:
+        raise NotFoundError("unknown_benefit", f"no benefit {benefit_id!r}")
+    benefit = await load_benefit(pool, tz, benefit_id)
+    await push_benefit(redis, benefit)
+    return benefit
+
+
+async def add_stock(
+    pool: asyncpg.Pool, redis: Redis, benefit_id: str, period: str, amount: int, note: str | None
+) -> int:
+    """Record a top-up in PostgreSQL, then raise Redis's ``added`` to the period's sum in
+    PostgreSQL (never lowering it), so a repeat or a race with recovery cannot count a top-up
+    twice or lose it. Returns the period's total."""
+    async with pool.acquire() as conn, conn.transaction():
+        exists = await conn.fetchval(
+            "SELECT 1 FROM benefits WHERE benefit_id = $1 FOR SHARE", benefit_id
+        )
+        if not exists:
+            raise NotFoundError("unknown_benefit", f"no benefit {benefit_id!r}")
+        await conn.execute(
+            "INSERT INTO stock_additions (benefit_id, period, amount, note) VALUES ($1,$2,$3,$4)",
+            benefit_id,
+            period,
+            amount,
+            note,
+        )
+    total = await pool.fetchval(
+        "SELECT sum(amount) FROM stock_additions WHERE benefit_id = $1 AND period = $2",
+        benefit_id,
+        period,
+    )
+    try:
+        await Scripts(redis).restore(
+            keys=[BenefitKeys(benefit_id).stock(period)],
+            args=["max", PERIOD_KEY_TTL_S, "0", "", "added", int(total)],
+        )
+    except RedisError as exc:
+        raise BackendUnavailable("stock recorded; Redis not updated, run `warm`") from exc
+    return int(total)

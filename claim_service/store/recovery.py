@@ -1,0 +1,355 @@
+"""Recovery: a benefit takes claims only while Redis holds its complete counters.
+
+Redis decides every claim, so its counters (stock taken, each member's quota use,
+idempotency keys, free codes) must never be behind what was accepted. They can be after a
+restart from an old file, a failover to a replica that had not caught up, or a restored copy.
+``claim.lua`` therefore answers ``unverified`` unless the benefit's ``live`` marker names the
+very server process answering (its run id); ``refund.lua`` and code loading wait the same way.
+
+Recovering a benefit, under a per-benefit lock: push its configuration and the period's
+tiers, read the stream (accepted claims the writer has not persisted yet), then in one
+PostgreSQL snapshot the persisted claims, top-ups and free codes; the union of claims by
+``claim_id`` gives the exact counters, which replace whatever Redis held; then the marker is
+set. No claim can interleave (they are refused meanwhile), so none is swallowed.
+
+``watch`` runs in every API worker and fulfil worker: it recovers every benefit when Redis
+is new to us, and every few seconds compares each benefit's ``accepted`` counter with the
+claims PostgreSQL holds, so a Redis that is *behind* (not only empty) is repaired by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from redis.asyncio import Redis
+from redis.exceptions import LockError, RedisError
+
+from claim_service.config import Settings
+from claim_service.domain import periods
+from claim_service.domain.catalogue import Benefit
+from claim_service.errors import BackendUnavailable, NotFoundError
+from claim_service.store.catalogue_store import load_benefit, load_benefits, push_benefit
+from claim_service.store.keyspace import (
+    CATALOGUE_LIVE_KEY,
+    PERIOD_KEY_TTL_S,
+    RECOVERY_LOCK_S,
+    RECOVERY_WAIT_S,
+    BenefitKeys,
+    Scripts,
+    code_bucket,
+    tiers_live_key,
+)
+from claim_service.store.snapshot import ClaimRecord, Snapshot, idem_pairs, stream_claims
+from claim_service.store.tiers import push_tiers_from_db
+
+log = logging.getLogger(__name__)
+
+RESTORE_CHUNK = 2_000
+STREAM_CHUNK = 10_000
+WATCH_EVERY_S = 1.0
+LAG_CHECK_EVERY_S = 5.0
+
+
+@dataclass
+class RecoveryReport:
+    benefits: int = 0
+    claims: int = 0
+    tiers: int = 0
+
+
+def benefit_lock(redis: Redis, benefit_id: str) -> Any:
+    """The lock recovery holds while it rebuilds a benefit; code loading takes it too."""
+    return redis.lock(
+        BenefitKeys(benefit_id).recovery_lock,
+        timeout=RECOVERY_LOCK_S,
+        blocking_timeout=RECOVERY_WAIT_S,
+    )
+
+
+async def is_live(redis: Redis, marker: str) -> bool:
+    return bool(await Scripts(redis).live(keys=[marker], args=["check"]))
+
+
+async def redis_now_ms(redis: Redis) -> int:
+    seconds, micros = await redis.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def claim_period(benefit: Benefit, calendar: periods.Calendar, now_ms: int) -> str:
+    """The period a claim decided at ``now_ms`` (Redis's clock) counts against."""
+    if benefit.release.fixed_period:
+        return benefit.release.period_at(calendar.now(), calendar.tz)
+    return calendar.period_at(now_ms)
+
+
+class Recovery:
+    """Brings benefits (back) to live in one Redis, from PostgreSQL and the stream."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        redis: Redis,
+        settings: Settings,
+        calendar: periods.Calendar | None = None,
+    ) -> None:
+        self.pool = pool
+        self.redis = redis
+        self.settings = settings
+        self.calendar = calendar or periods.Calendar(settings.tz)
+        self.scripts = Scripts(redis)
+
+    # -- one benefit -----------------------------------------------------------------------
+
+    async def ensure_benefit(self, benefit_id: str, *, force: bool = False) -> bool:
+        """Make ``benefit_id`` live (rebuild it when ``force``). False when PostgreSQL does
+        not know it. Raises ``BackendUnavailable`` when it cannot be done now."""
+        keys = BenefitKeys(benefit_id)
+        try:
+            if not force and await is_live(self.redis, keys.live):
+                return True
+            async with benefit_lock(self.redis, benefit_id):
+                if force:
+                    await self.scripts.live(keys=[keys.live], args=["clear"])
+                elif await is_live(self.redis, keys.live):
+                    return True  # another process finished it while we waited
+                return await self._rebuild(benefit_id)
+        except LockError as exc:
+            raise BackendUnavailable(f"benefit {benefit_id!r} is being recovered") from exc
+        except RedisError as exc:
+            raise BackendUnavailable("Redis is unavailable") from exc
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            raise BackendUnavailable("PostgreSQL is unavailable") from exc
+
+    async def _rebuild(self, benefit_id: str) -> bool:
+        try:
+            benefit = await load_benefit(self.pool, self.settings.tz, benefit_id)
+        except NotFoundError:
+            return False
+        keys = BenefitKeys(benefit_id)
+        await push_benefit(self.redis, benefit)
+        now_ms = await redis_now_ms(self.redis)
+        period = claim_period(benefit, self.calendar, now_ms)
+        previous = None if benefit.release.fixed_period else periods.previous_period(period)
+        await self.ensure_tiers(self.calendar.period_at(now_ms))
+        # The stream first, then PostgreSQL: an entry persisted in between is seen twice
+        # (and counted once), never missed.
+        in_stream = await stream_claims(self.redis, keys.stream)
+        snapshot = await self._snapshot(benefit_id, period, previous, in_stream)
+        await self._write(benefit, period, previous, snapshot)
+        await self.scripts.live(keys=[keys.live], args=["mark"])
+        log.info(
+            "benefit %s recovered for %s: %d claim(s), %d not yet persisted",
+            benefit_id,
+            period,
+            snapshot.claims_in_period,
+            snapshot.unpersisted,
+        )
+        return True
+
+    async def _snapshot(
+        self, benefit_id: str, period: str, previous: str | None, in_stream: list[ClaimRecord]
+    ) -> Snapshot:
+        periods_wanted = [period] if previous is None else [period, previous]
+        async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+            rows = await conn.fetch(
+                """SELECT claim_id, user_id, request_id, option_id, period, tier, status,
+                          (extract(epoch FROM created_at) * 1000)::bigint AS created_ms,
+                          code_expiry_ms
+                   FROM claims WHERE benefit_id = $1 AND period = ANY($2::text[])""",
+                benefit_id,
+                periods_wanted,
+            )
+            persisted = {
+                r["claim_id"]
+                for r in await conn.fetch(
+                    "SELECT claim_id FROM claims WHERE claim_id = ANY($1::text[])",
+                    [c.claim_id for c in in_stream],
+                )
+            }
+            added = await conn.fetchval(
+                """SELECT coalesce(sum(amount), 0) FROM stock_additions
+                   WHERE benefit_id = $1 AND period = $2""",
+                benefit_id,
+                period,
+            )
+            free = await conn.fetch(
+                """SELECT option_id,
+                          coalesce((extract(epoch FROM expires_at) * 1000)::bigint, 0) AS expiry,
+                          count(*) AS n
+                   FROM voucher_codes
+                   WHERE benefit_id = $1 AND claim_id IS NULL
+                     AND (expires_at IS NULL OR expires_at > now())
+                   GROUP BY 1, 2""",
+                benefit_id,
+            )
+            waiting = await conn.fetch(
+                """SELECT c.option_id, coalesce(c.code_expiry_ms, 0) AS expiry, count(*) AS n
+                   FROM claims c JOIN benefit_options o USING (benefit_id, option_id)
+                   WHERE c.benefit_id = $1 AND o.kind = 'card_key' AND c.code_id IS NULL
+                     AND c.status IN ('accepted', 'fulfilling')
+                   GROUP BY 1, 2""",
+                benefit_id,
+            )
+        claims = {
+            r["claim_id"]: ClaimRecord(
+                r["claim_id"],
+                r["user_id"],
+                r["request_id"],
+                r["option_id"],
+                r["period"],
+                r["tier"],
+                r["created_ms"],
+                r["status"],
+                r["code_expiry_ms"],
+            )
+            for r in rows
+        }
+        unpersisted = [c for c in in_stream if c.claim_id not in persisted]
+        for claim in unpersisted:
+            if claim.period in periods_wanted:
+                claims.setdefault(claim.claim_id, claim)
+        codes: Counter[tuple[str, int]] = Counter()
+        for r in free:
+            codes[(r["option_id"], r["expiry"])] += r["n"]
+        for r in waiting:  # reserved by a persisted claim that has no code yet
+            codes[(r["option_id"], r["expiry"])] -= r["n"]
+        for claim in unpersisted:
+            if claim.code_expiry_ms is not None:
+                codes[(claim.option_id, claim.code_expiry_ms)] -= 1
+        return Snapshot(list(claims.values()), int(added), codes, len(unpersisted), period)
+
+    async def _write(
+        self, benefit: Benefit, period: str, previous: str | None, snapshot: Snapshot
+    ) -> None:
+        keys = BenefitKeys(benefit.benefit_id)
+        current = [c for c in snapshot.claims if c.period == period]
+        live = [c for c in current if c.status != "refunded"]
+        stock: Counter[str] = Counter({"taken": len(live), "accepted": len(current)})
+        for claim in live:
+            stock["taken:" + claim.option_id] += 1
+        stock_pairs: list[tuple[str, Any]] = [*stock.items(), ("added", snapshot.added)]
+        await self._restore(keys.stock(period), "replace", stock_pairs, keep_max="added")
+        used = Counter(c.user_id for c in live)
+        await self._restore(keys.used(period), "replace", list(used.items()))
+        await self._restore(keys.idempotency(period), "replace", idem_pairs(current))
+        refunded = [c.claim_id for c in current if c.status == "refunded"]
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(keys.refunded(period))
+            for start in range(0, len(refunded), RESTORE_CHUNK):
+                pipe.sadd(keys.refunded(period), *refunded[start : start + RESTORE_CHUNK])
+            pipe.expire(keys.refunded(period), PERIOD_KEY_TTL_S)
+            await pipe.execute()
+        if previous is not None:  # a retry across the period boundary still finds its claim
+            earlier = [c for c in snapshot.claims if c.period == previous]
+            await self._restore(keys.idempotency(previous), "setnx", idem_pairs(earlier))
+        argv: list[Any] = ["replace"]
+        for (option_id, expiry), count in snapshot.codes.items():
+            argv += [code_bucket(option_id, expiry), max(count, 0), expiry]
+        await self.scripts.codes(keys=[keys.codes, keys.code_expiries, keys.live], args=argv)
+
+    async def _restore(
+        self, key: str, mode: str, pairs: list[tuple[str, Any]], keep_max: str = ""
+    ) -> None:
+        first = True
+        for start in range(0, max(len(pairs), 1), RESTORE_CHUNK):
+            argv: list[Any] = [mode, PERIOD_KEY_TTL_S, "1" if first else "0", keep_max]
+            for field, value in pairs[start : start + RESTORE_CHUNK]:
+                argv += [field, value]
+            await self.scripts.restore(keys=[key], args=argv)
+            first = False
+
+    # -- tiers and the whole catalogue -----------------------------------------------------
+
+    async def ensure_tiers(self, period: str, *, force: bool = False) -> int:
+        """Mirror ``period``'s tier snapshot from PostgreSQL unless this server has it."""
+        marker = tiers_live_key(period)
+        if not force and await is_live(self.redis, marker):
+            return 0
+        lock = self.redis.lock(marker + ":loading", timeout=RECOVERY_LOCK_S, blocking_timeout=60)
+        try:
+            async with lock:
+                if not force and await is_live(self.redis, marker):
+                    return 0
+                loaded = await push_tiers_from_db(self.pool, self.redis, period)
+                await self.scripts.live(keys=[marker], args=["mark"])
+        except LockError as exc:
+            raise BackendUnavailable(f"the tiers of {period} are being loaded") from exc
+        if loaded:
+            log.info("tiers of %s mirrored from PostgreSQL: %d member(s)", period, loaded)
+        return loaded
+
+    async def ensure_all(
+        self, *, force: bool = False, tier_periods: Iterable[str] = ()
+    ) -> RecoveryReport:
+        """Every benefit PostgreSQL knows, live in Redis; then the catalogue is marked live
+        (a benefit id Redis lacks is then unknown, not lost)."""
+        report = RecoveryReport()
+        for period in tier_periods:
+            report.tiers += await self.ensure_tiers(period, force=force)
+        for benefit in await load_benefits(self.pool, self.settings.tz):
+            await self.ensure_benefit(benefit.benefit_id, force=force)
+            report.benefits += 1
+        await self.scripts.live(keys=[CATALOGUE_LIVE_KEY], args=["mark"])
+        return report
+
+    async def behind(self) -> list[str]:
+        """Benefits whose Redis has accepted fewer claims this period than PostgreSQL holds:
+        Redis went back in time (restored from a copy, say) without changing process."""
+        stale = []
+        now_ms = await redis_now_ms(self.redis)
+        for benefit in await load_benefits(self.pool, self.settings.tz):
+            keys = BenefitKeys(benefit.benefit_id)
+            if not await is_live(self.redis, keys.live):
+                continue  # recovered on its first claim anyway
+            period = claim_period(benefit, self.calendar, now_ms)
+            accepted = int(await self.redis.hget(keys.stock(period), "accepted") or 0)
+            persisted = await self.pool.fetchval(
+                "SELECT count(*) FROM claims WHERE benefit_id = $1 AND period = $2",
+                benefit.benefit_id,
+                period,
+            )
+            if persisted > accepted:
+                log.warning(
+                    "Redis is behind PostgreSQL for %s/%s (%d accepted in Redis, %d "
+                    "persisted); rebuilding its counters",
+                    benefit.benefit_id,
+                    period,
+                    accepted,
+                    persisted,
+                )
+                stale.append(benefit.benefit_id)
+        return stale
+
+    async def watch(
+        self, stop: asyncio.Event, *, lag_check_every_s: float = LAG_CHECK_EVERY_S
+    ) -> None:
+        """Keep Redis trustworthy while running: recover what a new server lacks, and
+        repair a Redis found behind PostgreSQL. Returns when ``stop`` is set."""
+        checked_lag_at = 0.0
+        loop = asyncio.get_running_loop()
+        while not stop.is_set():
+            try:
+                if not await is_live(self.redis, CATALOGUE_LIVE_KEY):
+                    log.info("Redis is new to this catalogue; recovering every benefit")
+                    report = await self.ensure_all()
+                    if report.benefits:
+                        log.warning("Redis was new: recovered %d benefit(s)", report.benefits)
+                await self.ensure_tiers(self.calendar.period_at(await redis_now_ms(self.redis)))
+                if loop.time() - checked_lag_at >= lag_check_every_s:
+                    checked_lag_at = loop.time()
+                    for benefit_id in await self.behind():
+                        await self.ensure_benefit(benefit_id, force=True)
+            except (BackendUnavailable, RedisError, OSError, asyncpg.PostgresError) as exc:
+                log.warning("recovery check failed (%s: %s); retrying", type(exc).__name__, exc)
+            except asyncpg.InterfaceError as exc:
+                log.warning("recovery check failed (%s); retrying", exc)
+            try:
+                await asyncio.wait_for(stop.wait(), min(WATCH_EVERY_S, lag_check_every_s))
+            except TimeoutError:
+                pass

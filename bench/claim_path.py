@@ -9,7 +9,9 @@ Measured, each repeated several times (the median is reported, with the spread):
 * JWT verification of a token the verifier has not seen (HS256, plus RS256/ES256 for
   gateway-signed tokens) against a cached verification of the same token;
 * the whole HTTP path: an in-process aiohttp server on 127.0.0.1 and an aiohttp client
-  firing concurrent claims, against the rate of a trivial ``GET /healthz``.
+  firing concurrent claims, against the rate of a trivial ``GET /healthz``;
+* the same engine under each ``CLAIM_DURABILITY`` mode (``claim_durability``): ``local`` and
+  ``replica`` against ``none``, each on a Valkey (and replica) started for it.
 
 Every claim is made by a member that has not claimed before, and the number of accepted
 claims is checked: timing rejections (quota, sold out) would flatter the claim path.
@@ -43,6 +45,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from redis.asyncio import Redis
 
+from bench import claim_durability
 from bench.report import Report, Row, write_report
 from claim_service.claims.engine import ClaimEngine, ClaimRequest
 from claim_service.config import Settings
@@ -405,7 +408,9 @@ async def _prepare(settings: Settings, plan: Plan) -> AsyncIterator[Bench]:
         await redis.aclose()
 
 
-async def run(plan: Plan, redis_url: str, database_url: str) -> Report:
+async def run(
+    plan: Plan, redis_url: str, database_url: str
+) -> tuple[Report, list[claim_durability.Measured]]:
     settings = Settings.from_env({}, redis_url=redis_url, database_url=database_url)
     started = time.perf_counter()
     report = Report(started_at=datetime.now(UTC))
@@ -431,9 +436,20 @@ async def run(plan: Plan, redis_url: str, database_url: str) -> Report:
         report.stock_taken = int(text(taken)) if taken is not None else 0
         report.accepted_total = bench.accepted_total
         report.rows = bench.rows
+        t0 = time.perf_counter()
+        durability = await claim_durability.measure(
+            settings, bench.pg, bench.redis, _workload(plan), plan.members_needed()
+        )
+        print(f"  durability: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     report.duration_s = time.perf_counter() - started
     report.load_after = os.getloadavg()
-    return report
+    return report, durability
+
+
+def _workload(plan: Plan) -> claim_durability.Workload:
+    # Fewer lone claims: under the durable modes each waits for an fsync of its own.
+    lone = plan.lone_claims // 4
+    return claim_durability.Workload(plan.repeats, lone, plan.bursts, plan.burst_sizes)
 
 
 def _bind(fn: Callable[[int], Awaitable[None]], size: int) -> Callable[[], Awaitable[None]]:
@@ -448,13 +464,16 @@ def main(*, quick: bool, output: Path) -> int:
         print(f"servers up in {time.perf_counter() - started:.1f} s "
               f"({'embedded, ephemeral' if embedded else 'from CLAIM_*_URL'})",
               file=sys.stderr, flush=True)  # fmt: skip
-        report = uvloop.run(run(plan, redis_url, database_url))
+        report, durability = uvloop.run(run(plan, redis_url, database_url))
     report.command = command
     report.quick = quick
     report.embedded = embedded
     report.repeats = plan.repeats
     report.wall_s = time.perf_counter() - started
     text_ = write_report(report, output)
+    text_ += "\n" + claim_durability.render(durability, _workload(plan))
+    output.write_text(text_)
     print(text_)
     print(f"report written to {output}", file=sys.stderr)
-    return 0 if report.all_accepted else 1
+    durable_ok = all(m.accepted == m.sent for m in durability)
+    return 0 if report.all_accepted and durable_ok else 1

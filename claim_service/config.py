@@ -43,6 +43,9 @@ def instance_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
+DURABILITY_MODES = ("none", "local", "replica")
+SENTINEL_SCHEME = "redis+sentinel"
+
 DEV_JWT_SECRET = "dev-only-secret-change-me-0123456789abcdef"
 DEV_ADMIN_TOKEN = "dev-admin-token"
 
@@ -53,6 +56,10 @@ class Settings:
 
     redis_url: str | None = None
     database_url: str | None = None
+    redis_timeout_ms: int = 1000
+    durability: str = "none"
+    durability_replicas: int = 1
+    durability_timeout_ms: int = 500
     timezone: str = "Asia/Shanghai"
     jwt_secret: str = field(default=DEV_JWT_SECRET, repr=False)
     jwt_public_key: str | None = field(default=None, repr=False)
@@ -86,6 +93,7 @@ class Settings:
     breaker_cooldown_ms: int = 2_000
     log_format: str = "text"
     log_level: str = "INFO"
+    reconcile_every_s: float = 60.0  # writers compare Redis with the truth; 0: never
 
     @property
     def tz(self) -> ZoneInfo:
@@ -127,6 +135,25 @@ class Settings:
         parse_key(self.codes_key)
         if self.log_format not in ("text", "json"):
             raise ConfigError("CLAIM_LOG_FORMAT must be 'text' or 'json'")
+        if not 0 <= self.reconcile_every_s <= 86_400:
+            raise ConfigError("CLAIM_RECONCILE_EVERY_S must be 0 (never) or seconds up to 86400")
+        self._validate_redis()
+
+    def _validate_redis(self) -> None:
+        if not 10 <= self.redis_timeout_ms <= 60_000:
+            raise ConfigError("CLAIM_REDIS_TIMEOUT_MS must be in [10, 60000]")
+        if self.durability not in DURABILITY_MODES:
+            raise ConfigError(f"CLAIM_DURABILITY must be one of {', '.join(DURABILITY_MODES)}")
+        if self.durability_replicas < 1:
+            raise ConfigError("CLAIM_DURABILITY_REPLICAS must be at least 1")
+        if not 1 <= self.durability_timeout_ms <= 60_000:
+            raise ConfigError("CLAIM_DURABILITY_TIMEOUT_MS must be in [1, 60000]")
+        # The wait for durability runs on a Redis connection: its socket must outlast it.
+        if self.durability != "none" and self.redis_timeout_ms <= self.durability_timeout_ms:
+            raise ConfigError(
+                "CLAIM_REDIS_TIMEOUT_MS must exceed CLAIM_DURABILITY_TIMEOUT_MS "
+                f"({self.redis_timeout_ms} <= {self.durability_timeout_ms})"
+            )
 
     def dev_defaults(self) -> list[str]:
         """Secrets still at their well-known development values (fine locally only)."""
@@ -177,6 +204,10 @@ def is_loopback(host: str | None) -> bool:
 
 def url_is_local(url: str) -> bool:
     """True when a Redis or PostgreSQL URL names this machine (loopback or a Unix socket)."""
+    if url.startswith(SENTINEL_SCHEME + "://"):
+        # The sentinels can be checked here; the master is wherever they say it is.
+        hosts = urlsplit(url).netloc.rpartition("@")[2].split(",")
+        return all(url_is_local(f"redis://{host}") for host in hosts)
     try:
         parts = urlsplit(url)
         host = parts.hostname

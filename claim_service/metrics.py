@@ -69,3 +69,24 @@ PARTNER_STATUS_QUERIES = Counter(
     "Order status queries to partners, by answer",
     ["partner", "answer"],
 )
+CLAIM_DURABLE_WAIT = Counter(
+    "claim_durable_wait_seconds",
+    "Time claim batches spent waiting for Redis to confirm them durable (CLAIM_DURABILITY)",
+)
+CLAIM_DURABLE_BATCHES = Counter(
+    "claim_durable_batches",
+    "Claim batches that waited for durability, by whether Redis confirmed it in time",
+    ["confirmed"],
+)
+CLAIM_NOT_DURABLE = Counter(
+    "claim_not_durable_total",
+    "Accepted or replayed claims answered 503 because Redis did not confirm them durable in time",
+)
+# Set by every writer's periodic comparison of Redis with PostgreSQL and the stream (see
+# ``store/reconcile.py``): the highest count any live process saw last.
+DRIFT = Gauge(
+    "claim_drift",
+    "Counters in Redis that PostgreSQL and the stream do not explain, at the last check",
+    ["benefit", "kind"],
+    multiprocess_mode="livemax",
+)

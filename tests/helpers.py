@@ -6,6 +6,8 @@
 - processes: ``service_env``, ``spawn``, ``spawn_serve``, ``Listeners``, ``wait_ready``,
   ``workers_of``, ``open_video``;
 - waiting: ``wait_for``;
+- durability and failover: ``setup_open_benefit``, ``durable_service``, ``command_calls``,
+  ``stream_claim_ids``;
 - the writer: ``fast``, ``drain``;
 - partners and direct charge: ``SECRET``, ``quick``, ``setup_partner``, ``claim_all``,
   ``run_until_final``, ``assert_units_returned_once``, ``callback_base``;
@@ -25,7 +27,9 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -42,13 +46,18 @@ from yarl import URL
 from claim_service.claims.writer import ClaimWriter
 from claim_service.config import Settings
 from claim_service.domain import periods
+from claim_service.domain.catalogue import parse_benefit
 from claim_service.fulfilment.signing import signed_headers
 from claim_service.fulfilment.worker import FulfilmentWorker
 from claim_service.http.auth import mint_token
 from claim_service.http.server import Guard, ServiceRunner
+from claim_service.http.service import create_apps
 from claim_service.local.embedded import free_port
 from claim_service.local.partner_sim import PartnerSimulator
+from claim_service.store import catalogue_store
+from claim_service.store.connections import create_redis
 from claim_service.store.keyspace import BenefitKeys, text
+from claim_service.store.tiers import save_tiers
 
 Client = TestClient[Any, Any]
 
@@ -533,3 +542,50 @@ async def send_raw(host: str, port: int, request: bytes, status: int | None) -> 
     assert b"\r\ncontent-type: application/json" in head.lower(), head
     code = {400: "invalid_request", 401: "unauthorized"}[status]
     assert json.loads(payload)["error"] == code, payload
+
+
+# -- durability and failover ---------------------------------------------------------------
+
+
+async def setup_open_benefit(
+    settings: Settings, redis: Redis, pool: asyncpg.Pool, *, stock: int, members: int
+) -> None:
+    """Benefit ``video`` (option ``iqiyi``, quota 1) open now, members u0.. at tier 5."""
+    benefit = parse_benefit("video", benefit_body(stock=stock, quota=1), settings.tz)
+    await catalogue_store.push_benefit(redis, await catalogue_store.save_benefit(pool, benefit))
+    period = periods.current_period(settings.tz)
+    await save_tiers(pool, redis, period, [(f"u{i}", 5) for i in range(members)])
+
+
+@asynccontextmanager
+async def durable_service(
+    settings: Settings, pool: asyncpg.Pool, redis_url: str, **overrides: Any
+) -> AsyncIterator[tuple[ServiceClient, Redis]]:
+    """The service on the Redis at ``redis_url`` (flushed) with ``overrides`` to its settings,
+    benefit ``video`` open to u0..u199 (stock 100)."""
+    redis = await create_redis(redis_url)
+    try:
+        await redis.flushall()
+        local = replace(settings, redis_url=redis_url, **overrides)
+        await setup_open_benefit(local, redis, pool, stock=100, members=200)
+        member, admin_app = create_apps(local, pools=(redis, pool))
+        async with ServiceClient(member, admin_app, Guard.for_process(local)) as client:
+            yield client, redis
+    finally:
+        await redis.aclose()
+
+
+async def command_calls(redis: Redis) -> Counter[str]:
+    """How often the server ran each command (``INFO commandstats``), by lower-case name."""
+    stats = await redis.info("commandstats")
+    return Counter(
+        {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items() if "calls" in v}
+    )
+
+
+async def stream_claim_ids(redis: Redis, user_id: str, benefit_id: str = "video") -> list[str]:
+    """The claim ids the benefit's stream holds for ``user_id``."""
+    entries: list[tuple[bytes, dict[bytes, bytes]]] = await redis.xrange(  # type: ignore[assignment]
+        BenefitKeys(benefit_id).stream
+    )
+    return [text(f[b"c"]) for _, f in entries if text(f[b"u"]) == user_id]

@@ -4,7 +4,9 @@ Concurrent requests for the same benefit that arrive within one event-loop turn 
 by a single EVALSHA (up to ``batch_max`` each), so the Redis round trip is shared. Redis's
 clock decides: the engine proposes the period its own clock (corrected by what Redis last
 said the time was) points at, and ``claim.lua`` sends it back when Redis disagrees. A benefit
-Redis cannot vouch for (``unverified``) is recovered first. The engine knows nothing of HTTP.
+Redis cannot vouch for (``unverified``) is recovered first. With ``CLAIM_DURABILITY`` on, a
+batch's accepted and replayed claims are answered once Redis holds them durably (``durability``).
+The engine knows nothing of HTTP.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from redis.exceptions import RedisError
 
 from claim_service import metrics
 from claim_service.claims.benefit_cache import BenefitCache
+from claim_service.claims.durability import DurableAck, held_connection
 from claim_service.config import Settings
 from claim_service.domain import periods
 from claim_service.domain.catalogue import Benefit
@@ -129,6 +132,7 @@ class ClaimEngine:
         self.scripts = Scripts(redis)
         self.recovery = Recovery(pool, redis, settings, self.calendar) if pool else None
         self.catalogue = BenefitCache(redis, self.tz, self.recovery)
+        self.durability = DurableAck(settings)
         self._queues: dict[str, list[_Pending]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         # Redis's clock minus ours, learned from every batch: the period proposed for a
@@ -233,7 +237,7 @@ class ClaimEngine:
 
     async def _run_batch(self, benefit_id: str, batch: list[_Pending]) -> None:
         try:
-            decisions = await self._decide(benefit_id, batch)
+            decisions, durable = await self._decide(benefit_id, batch)
         except Exception as exc:  # every waiter must hear about a failed batch
             if not isinstance(exc, BackendUnavailable | NotFoundError):
                 log.exception("claim batch for %s failed", benefit_id)
@@ -243,10 +247,23 @@ class ClaimEngine:
                     item.future.set_exception(exc)
             return
         for item, decision in zip(batch, decisions, strict=True):
-            if not item.future.done():
+            if item.future.done():
+                continue
+            if decision.accepted and not durable:
+                metrics.CLAIM_NOT_DURABLE.inc()
+                item.future.set_exception(
+                    BackendUnavailable(
+                        "Redis did not confirm the claim durable in time; it may have been "
+                        "taken: retry with the same request_id"
+                    )
+                )
+            else:
                 item.future.set_result(decision)
 
-    async def _decide(self, benefit_id: str, batch: list[_Pending]) -> list[ClaimDecision]:
+    async def _decide(
+        self, benefit_id: str, batch: list[_Pending]
+    ) -> tuple[list[ClaimDecision], bool]:
+        """The batch's decisions, and whether what they accepted or replayed is durable."""
         keys = BenefitKeys(benefit_id)
         redis_ms = self._redis_ms()
         recovered = False
@@ -270,9 +287,7 @@ class ClaimEngine:
                 argv += [req.user_id, req.request_id, item.option_id, item.claim_id, req.account]
             sent_at = time.time()
             try:
-                raw = await self.scripts.claim(
-                    keys=keys.claim_keys(span.period, span.previous, span.tiers_period), args=argv
-                )
+                raw, replied_at, durable = await self._run_script(keys, span, argv)
             except RedisError as exc:
                 raise BackendUnavailable("Redis is unavailable") from exc
             self.batches += 1
@@ -294,7 +309,7 @@ class ClaimEngine:
                 await self.benefit(benefit_id, refresh=True)
                 continue
             redis_ms = int(raw[1])
-            self.clock_offset_ms = redis_ms - int((sent_at + time.time()) * 500)
+            self.clock_offset_ms = redis_ms - int((sent_at + replied_at) * 500)
             if head == "period":  # our clock and Redis's disagree on the period: Redis wins
                 continue
             width = RESULT_WIDTH
@@ -305,8 +320,28 @@ class ClaimEngine:
             metrics.CLAIM_BATCH_SIZE.set(len(batch))
             for decision in decisions:
                 metrics.CLAIM_DECISIONS.labels(decision.code).inc()
-            return decisions
+            return decisions, durable
         raise BackendUnavailable("benefit configuration kept changing; retry")
+
+    async def _run_script(
+        self, keys: BenefitKeys, span: Span, argv: list[Any]
+    ) -> tuple[list[Any], float, bool]:
+        """``claim.lua``'s reply, when it came, and whether what it accepted or replayed is
+        durable. With ``CLAIM_DURABILITY`` on, the script runs on a connection of its own and
+        the wait for durability follows on it (it waits for that connection's writes)."""
+        claim_keys = keys.claim_keys(span.period, span.previous, span.tiers_period)
+        if not self.durability.enabled:
+            raw = await self.scripts.claim(keys=claim_keys, args=argv)
+            return raw, time.time(), True
+        async with held_connection(self.redis) as conn:
+            raw = await conn.script(self.scripts.claim, claim_keys, argv)
+            replied_at = time.time()
+            codes = {text(code) for code in raw[2::RESULT_WIDTH]}
+            if text(raw[0]) != "decided" or not codes & set(ACCEPTED):
+                return raw, replied_at, True  # nothing accepted: nothing to make durable
+            touch = [keys.idempotency(p) for p in (span.period, span.previous) if p]
+            durable = await self.durability.confirm(conn, wrote="ok" in codes, touch=touch)
+            return raw, replied_at, durable
 
     def _decision(self, benefit: Benefit, span: Span, row: list[Any]) -> ClaimDecision:
         code, claim_id, option_id = text(row[0]), text(row[1]), text(row[2])

@@ -10,6 +10,9 @@ An entry whose ``request_id`` the member already used for another claim (which o
 that forgot the first one can produce) is never swallowed as a duplicate: it is moved to the
 dead-letter stream, recorded as a ``request_conflict`` anomaly, and its unit and quota are
 given back.
+
+Every ``reconcile_every_s`` a writer also compares Redis's counters with PostgreSQL and the
+stream (``store.reconcile``): drift is logged and exported as ``claim_drift``, not repaired.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from claim_service.store.keyspace import (
     benefit_id_from_stream,
     text,
 )
+from claim_service.store.reconcile import Reconciler
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +115,19 @@ class ClaimWriter:
 
     async def run(self, stop: asyncio.Event) -> None:
         log.info("writer %s started", self.consumer)
+        checks = None
+        if self.settings.reconcile_every_s > 0:  # drift is logged and exported, not repaired
+            drift = Reconciler(self.pool, self.redis, self.settings)
+            checks = asyncio.create_task(drift.watch(stop, self.settings.reconcile_every_s))
+        try:
+            await self._run(stop)
+        finally:
+            if checks is not None:
+                checks.cancel()
+                await asyncio.gather(checks, return_exceptions=True)
+        log.info("writer %s stopped: %s", self.consumer, self.stats)
+
+    async def _run(self, stop: asyncio.Event) -> None:
         backoff = 0.1
         while not stop.is_set():
             try:
@@ -138,7 +155,6 @@ class ClaimWriter:
                 except TimeoutError:
                     pass
                 backoff = min(backoff * 2, RETRY_BACKOFF_MAX_S)
-        log.info("writer %s stopped: %s", self.consumer, self.stats)
 
     async def step(self) -> int:
         """Read one round of entries and persist them; returns how many were handled."""

@@ -18,6 +18,7 @@ from claim_service.cli.commands import (
     cmd_load_codes,
     cmd_load_tiers,
     cmd_migrate,
+    cmd_reconcile,
     cmd_token,
     cmd_warm,
     cmd_writer,
@@ -99,6 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("warm", help="rebuild Redis from PostgreSQL (after a Redis data loss)")
     p.add_argument("--period", action="append", help="YYYY-MM (repeatable; default: current)")
     p.set_defaults(func=cmd_warm)
+
+    p = sub.add_parser(
+        "reconcile", help="report where Redis's counters differ from PostgreSQL and the stream"
+    )
+    p.add_argument("--period", help="YYYY-MM (default: each benefit's current period)")
+    p.add_argument(
+        "--fix",
+        action="store_true",
+        help="rebuild each benefit that drifted (claims wait meanwhile), then compare again",
+    )
+    p.set_defaults(func=cmd_reconcile)
 
     p = sub.add_parser("load-tiers", help="load a CSV of user_id,tier for a period")
     p.add_argument("file")

@@ -33,6 +33,7 @@ from claim_service.local.demo_report import DemoOptions
 from claim_service.local.embedded import EmbeddedServers
 from claim_service.store.connections import create_pg_pool
 from claim_service.store.migrations import migrate
+from claim_service.store.reconcile import Reconciler
 from claim_service.store.recovery import Recovery
 from claim_service.store.tiers import check_user_id, load_tier_csv
 
@@ -69,6 +70,50 @@ def cmd_warm(settings: Settings, args: argparse.Namespace) -> int:
             f"{', '.join(wanted)}"
         )
         return 0
+
+    return run_async(with_pools(settings, body))
+
+
+def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
+    """Print every drift between Redis and the truth; with ``--fix`` rebuild the benefits
+    that drifted. Exit 1 while drift is left, else 0."""
+    if args.period:
+        periods.parse_period(args.period)
+
+    async def body(redis: Any, pool: Any) -> int:
+        reconciler = Reconciler(pool, redis, settings)
+        benefits = await reconciler.benefits()
+        found = left = drifted = skipped = 0
+        for benefit in benefits:
+            check = await reconciler.check(benefit, args.period)
+            for drift in check.drift:
+                print(drift.describe())
+            found += len(check.drift)
+            drifted += bool(check.drift)
+            if args.fix and (check.drift or not check.live):
+                check = await reconciler.fix(benefit, args.period)
+                print(
+                    f"{benefit.benefit_id}: rebuilt from PostgreSQL and the stream; "
+                    f"{len(check.drift)} drift(s) left"
+                )
+                for drift in check.drift:
+                    print(f"  still: {drift.describe()}")
+            if not check.live:
+                skipped += 1
+                print(
+                    f"{benefit.benefit_id}: not live on this Redis server, not compared "
+                    "(rebuilt before it decides a claim; --fix rebuilds it now)"
+                )
+            left += len(check.drift)
+        summary = f"{len(benefits)} benefit(s) compared"
+        summary += f", {skipped} not live" if skipped else ""
+        if not found:
+            summary += ": no drift"
+        else:
+            summary += f": {found} drift(s) in {drifted} benefit(s)"
+            summary += f"; {left} left after --fix" if args.fix else "; --fix repairs them"
+        print(summary)
+        return 1 if left else 0
 
     return run_async(with_pools(settings, body))
 

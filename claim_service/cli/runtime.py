@@ -1,4 +1,4 @@
-"""What every command shares: logging, the event loop, signals, pools, dev-secret checks."""
+"""What every command shares: logging, the event loop, signals, pools, start-up checks."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 import uvloop
 
+from claim_service.claims.durability import check_server
 from claim_service.config import Settings
 from claim_service.errors import ConfigError
 from claim_service.store.connections import create_pg_pool, create_redis
@@ -71,7 +72,9 @@ async def with_pools(
     settings: Settings, body: Callable[[Any, Any], Awaitable[int]], *, pg_size: int = 5
 ) -> int:
     redis_url, database_url = settings.require_urls()
-    redis = await create_redis(redis_url)
+    # The writer's reads block for up to CLAIM_WRITER_BLOCK_MS on top of the reply time.
+    timeout_ms = settings.redis_timeout_ms + settings.writer_block_ms
+    redis = await create_redis(redis_url, timeout_s=timeout_ms / 1000)
     try:
         pool = await create_pg_pool(database_url, max_size=pg_size)
         try:
@@ -95,3 +98,22 @@ def refuse_dev_secrets(dev_secrets: list[str], exposure: list[str], insecure_dev
             f"while {'; '.join(exposure)}: set {'them' if len(dev_secrets) > 1 else 'it'}, "
             "or pass --insecure-dev for a throw-away setup"
         )
+
+
+def refuse_undurable(settings: Settings) -> None:
+    """Refuse (``ConfigError``) a ``CLAIM_DURABILITY`` the Redis server cannot honour; log
+    what could not be verified."""
+    if settings.durability == "none":
+        return
+    redis_url, _ = settings.require_urls()
+
+    async def check() -> int:
+        redis = await create_redis(redis_url, timeout_s=settings.redis_timeout_ms / 1000)
+        try:
+            for warning in await check_server(redis, settings):
+                log.warning("CLAIM_DURABILITY=%s: %s", settings.durability, warning)
+        finally:
+            await redis.aclose(close_connection_pool=True)
+        return 0
+
+    run_async(check())

@@ -21,26 +21,32 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from aiohttp import web
 from prometheus_client import multiprocess
+from redis.asyncio import Redis
 
 from claim_service import __version__
 from claim_service.claims.writer import ClaimWriter
 from claim_service.cli.runtime import (
     configure_logging,
     refuse_dev_secrets,
+    refuse_undurable,
     run_async,
     stop_event,
     warn_dev_defaults,
 )
 from claim_service.config import Settings
-from claim_service.http.app import PG, REDIS
+from claim_service.http.app import PG
 from claim_service.http.server import Guard, ServiceRunner, file_limit
 from claim_service.http.service import create_admin_app, create_app
+from claim_service.store.connections import create_pg_pool, create_redis
 
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
+REDIS_POOL_SIZE = 256
+PG_POOL_SIZE = 10
 SHUTDOWN_TIMEOUT_S = 10.0
 # A worker that dies sooner than this after starting crashed "at once" (a bad setting, a
 # port taken): restarted with a growing delay, and given up on after this many in a row.
@@ -54,6 +60,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     settings.require_urls()
     exposure = settings.exposure([settings.host, settings.admin_host])
     refuse_dev_secrets(settings.dev_defaults(), exposure, args.insecure_dev)
+    refuse_undurable(settings)
     warn_dev_defaults(settings)
     file_limit()  # workers inherit it
     print(
@@ -90,16 +97,40 @@ def _serve_one(
 
 async def _serve(settings: Settings, with_writer: bool, reuse_port: bool) -> int:
     """The member and admin listeners of one process, until SIGINT/SIGTERM."""
-    member = create_app(settings)
+    redis_url, database_url = settings.require_urls()
+    # Every Redis call of the API is bounded by CLAIM_REDIS_TIMEOUT_MS: with Redis gone (or
+    # no master elected yet) a claim is a 503 within it, never a hang.
+    redis = await create_redis(
+        redis_url, max_connections=REDIS_POOL_SIZE, timeout_s=settings.redis_timeout_ms / 1000
+    )
+    try:
+        pg = await create_pg_pool(database_url, max_size=PG_POOL_SIZE)
+        try:
+            return await _listen(settings, (redis, pg), with_writer, reuse_port)
+        finally:
+            await pg.close()
+    finally:
+        await redis.aclose(close_connection_pool=True)
+
+
+async def _listen(
+    settings: Settings, pools: tuple[Redis, asyncpg.Pool], with_writer: bool, reuse_port: bool
+) -> int:
+    """Both listeners over ``pools`` (and a writer if asked), until SIGINT/SIGTERM."""
+    member = create_app(settings, pools=pools)
     if with_writer:
 
         async def writer_task(app: web.Application) -> Any:
+            # Its own client: its reads block for up to CLAIM_WRITER_BLOCK_MS on top.
+            timeout_ms = settings.redis_timeout_ms + settings.writer_block_ms
+            redis = await create_redis(settings.redis_url or "", timeout_s=timeout_ms / 1000)
             stop = asyncio.Event()
-            writer = ClaimWriter(app[REDIS], app[PG], settings)
+            writer = ClaimWriter(redis, app[PG], settings)
             task = asyncio.create_task(writer.run(stop), name="claim-writer")
             yield
             stop.set()
             await task
+            await redis.aclose(close_connection_pool=True)
 
         member.cleanup_ctx.append(writer_task)
     guard = Guard.for_process(settings)

@@ -55,7 +55,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _wait_for_port(port: int, proc: subprocess.Popen[bytes], what: str, logfile: Path) -> None:
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], what: str, logfile: Path) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -75,7 +75,7 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Runs in the child before exec: a server never outlives the process that started it
     (a killed test run or demo must not leave servers behind)."""
     if sys.platform.startswith("linux"):
@@ -83,7 +83,7 @@ def _die_with_parent() -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _stop(proc: subprocess.Popen[bytes] | None, grace_s: float = 10.0) -> None:
+def stop_process(proc: subprocess.Popen[bytes] | None, grace_s: float = 10.0) -> None:
     if proc is None or proc.poll() is not None:
         return
     proc.terminate()
@@ -96,11 +96,15 @@ def _stop(proc: subprocess.Popen[bytes] | None, grace_s: float = 10.0) -> None:
 
 @dataclass
 class EmbeddedValkey:
-    """A ``valkey-server`` child process listening on loopback."""
+    """A ``valkey-server`` child process listening on loopback (a replica of the server on
+    ``replica_of`` when given; ``extra`` are more ``--name value`` arguments)."""
 
     data_dir: Path
     port: int = 0
     ephemeral: bool = False
+    appendfsync: str = "everysec"
+    replica_of: int | None = None
+    extra: tuple[str, ...] = ()
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -126,20 +130,22 @@ class EmbeddedValkey:
             "--appendonly",
             "no" if self.ephemeral else "yes",
             "--appendfsync",
-            "everysec",
+            self.appendfsync,
             "--logfile",
             str(logfile),
             "--maxclients",
             "10000",
+            *(("--replicaof", "127.0.0.1", str(self.replica_of)) if self.replica_of else ()),
+            *self.extra,
         ]
         self.proc = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent
+            args, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent
         )
-        _wait_for_port(self.port, self.proc, "valkey-server", logfile)
+        wait_for_port(self.port, self.proc, "valkey-server", logfile)
         log.info("valkey-server %s listening on 127.0.0.1:%d", self.data_dir, self.port)
 
     def stop(self) -> None:
-        _stop(self.proc)
+        stop_process(self.proc)
         self.proc = None
 
 
@@ -221,9 +227,9 @@ class EmbeddedPostgres:
                 stderr=subprocess.STDOUT,
                 user=self._user,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
-        _wait_for_port(self.port, self.proc, "postgres", logfile)
+        wait_for_port(self.port, self.proc, "postgres", logfile)
         self._wait_ready(bindir, logfile)
         log.info("postgres %s listening on 127.0.0.1:%d", pgdata, self.port)
 
@@ -244,7 +250,7 @@ class EmbeddedPostgres:
         # clients, which is what we want when the whole stack is going away.
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(2)
-        _stop(self.proc)
+        stop_process(self.proc)
         self.proc = None
 
 

@@ -23,6 +23,7 @@ PREFIX = "claim"
 CATALOGUE_KEY = f"{PREFIX}:benefits"  # set of benefit ids pushed to Redis
 CATALOGUE_LIVE_KEY = f"{PREFIX}:benefits:live"  # run id once every benefit was recovered
 DEAD_LETTER_STREAM = f"{PREFIX}:deadletter"  # stream entries the writer could not persist
+LAG_CHECK_KEY = f"{PREFIX}:lagcheck"  # lease: one process per interval compares Redis with PG
 # PostgreSQL NOTIFY channel: the writer wakes fulfil workers when it has persisted claims.
 CLAIMS_WRITTEN_CHANNEL = "claims_written"
 WRITER_GROUP = "writers"

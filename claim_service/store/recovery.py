@@ -9,8 +9,9 @@ very server process answering (its run id); ``refund.lua`` and code loading wait
 Recovering a benefit, under a per-benefit lock: push its configuration and the period's
 tiers, read the stream (accepted claims the writer has not persisted yet), then in one
 PostgreSQL snapshot the persisted claims, top-ups and free codes; the union of claims by
-``claim_id`` gives the exact counters, which replace whatever Redis held; then the marker is
-set. No claim can interleave (they are refused meanwhile), so none is swallowed.
+``claim_id`` gives the exact counters (``Snapshot.expected_counters``, which ``reconcile``
+also compares a live Redis with), which replace whatever Redis held; then the marker is set.
+No claim can interleave (they are refused meanwhile), so none is swallowed.
 
 ``watch`` runs in every API worker and fulfil worker: it recovers every benefit when Redis
 is new to us, and every few seconds compares each benefit's ``accepted`` counter with the
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +37,7 @@ from claim_service.errors import BackendUnavailable, NotFoundError
 from claim_service.store.catalogue_store import load_benefit, load_benefits, push_benefit
 from claim_service.store.keyspace import (
     CATALOGUE_LIVE_KEY,
+    LAG_CHECK_KEY,
     PERIOD_KEY_TTL_S,
     RECOVERY_LOCK_S,
     RECOVERY_WAIT_S,
@@ -45,13 +46,12 @@ from claim_service.store.keyspace import (
     code_bucket,
     tiers_live_key,
 )
-from claim_service.store.snapshot import ClaimRecord, Snapshot, idem_pairs, stream_claims
+from claim_service.store.snapshot import Snapshot, read_snapshot, stream_claims
 from claim_service.store.tiers import push_tiers_from_db
 
 log = logging.getLogger(__name__)
 
 RESTORE_CHUNK = 2_000
-STREAM_CHUNK = 10_000
 WATCH_EVERY_S = 1.0
 LAG_CHECK_EVERY_S = 5.0
 
@@ -140,8 +140,8 @@ class Recovery:
         # The stream first, then PostgreSQL: an entry persisted in between is seen twice
         # (and counted once), never missed.
         in_stream = await stream_claims(self.redis, keys.stream)
-        snapshot = await self._snapshot(benefit_id, period, previous, in_stream)
-        await self._write(benefit, period, previous, snapshot)
+        snapshot = await read_snapshot(self.pool, benefit_id, period, previous, in_stream)
+        await self._write(benefit, snapshot)
         await self.scripts.live(keys=[keys.live], args=["mark"])
         log.info(
             "benefit %s recovered for %s: %d claim(s), %d not yet persisted",
@@ -152,105 +152,26 @@ class Recovery:
         )
         return True
 
-    async def _snapshot(
-        self, benefit_id: str, period: str, previous: str | None, in_stream: list[ClaimRecord]
-    ) -> Snapshot:
-        periods_wanted = [period] if previous is None else [period, previous]
-        async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
-            rows = await conn.fetch(
-                """SELECT claim_id, user_id, request_id, option_id, period, tier, status,
-                          (extract(epoch FROM created_at) * 1000)::bigint AS created_ms,
-                          code_expiry_ms
-                   FROM claims WHERE benefit_id = $1 AND period = ANY($2::text[])""",
-                benefit_id,
-                periods_wanted,
-            )
-            persisted = {
-                r["claim_id"]
-                for r in await conn.fetch(
-                    "SELECT claim_id FROM claims WHERE claim_id = ANY($1::text[])",
-                    [c.claim_id for c in in_stream],
-                )
-            }
-            added = await conn.fetchval(
-                """SELECT coalesce(sum(amount), 0) FROM stock_additions
-                   WHERE benefit_id = $1 AND period = $2""",
-                benefit_id,
-                period,
-            )
-            free = await conn.fetch(
-                """SELECT option_id,
-                          coalesce((extract(epoch FROM expires_at) * 1000)::bigint, 0) AS expiry,
-                          count(*) AS n
-                   FROM voucher_codes
-                   WHERE benefit_id = $1 AND claim_id IS NULL
-                     AND (expires_at IS NULL OR expires_at > now())
-                   GROUP BY 1, 2""",
-                benefit_id,
-            )
-            waiting = await conn.fetch(
-                """SELECT c.option_id, coalesce(c.code_expiry_ms, 0) AS expiry, count(*) AS n
-                   FROM claims c JOIN benefit_options o USING (benefit_id, option_id)
-                   WHERE c.benefit_id = $1 AND o.kind = 'card_key' AND c.code_id IS NULL
-                     AND c.status IN ('accepted', 'fulfilling')
-                   GROUP BY 1, 2""",
-                benefit_id,
-            )
-        claims = {
-            r["claim_id"]: ClaimRecord(
-                r["claim_id"],
-                r["user_id"],
-                r["request_id"],
-                r["option_id"],
-                r["period"],
-                r["tier"],
-                r["created_ms"],
-                r["status"],
-                r["code_expiry_ms"],
-            )
-            for r in rows
-        }
-        unpersisted = [c for c in in_stream if c.claim_id not in persisted]
-        for claim in unpersisted:
-            if claim.period in periods_wanted:
-                claims.setdefault(claim.claim_id, claim)
-        codes: Counter[tuple[str, int]] = Counter()
-        for r in free:
-            codes[(r["option_id"], r["expiry"])] += r["n"]
-        for r in waiting:  # reserved by a persisted claim that has no code yet
-            codes[(r["option_id"], r["expiry"])] -= r["n"]
-        for claim in unpersisted:
-            if claim.code_expiry_ms is not None:
-                codes[(claim.option_id, claim.code_expiry_ms)] -= 1
-        return Snapshot(list(claims.values()), int(added), codes, len(unpersisted), period)
-
-    async def _write(
-        self, benefit: Benefit, period: str, previous: str | None, snapshot: Snapshot
-    ) -> None:
+    async def _write(self, benefit: Benefit, snapshot: Snapshot) -> None:
         keys = BenefitKeys(benefit.benefit_id)
-        current = [c for c in snapshot.claims if c.period == period]
-        live = [c for c in current if c.status != "refunded"]
-        stock: Counter[str] = Counter({"taken": len(live), "accepted": len(current)})
-        for claim in live:
-            stock["taken:" + claim.option_id] += 1
-        stock_pairs: list[tuple[str, Any]] = [*stock.items(), ("added", snapshot.added)]
+        period, expected = snapshot.period, snapshot.expected_counters()
+        stock_pairs: list[tuple[str, Any]] = list(expected.stock.items())
         await self._restore(keys.stock(period), "replace", stock_pairs, keep_max="added")
-        used = Counter(c.user_id for c in live)
-        await self._restore(keys.used(period), "replace", list(used.items()))
-        await self._restore(keys.idempotency(period), "replace", idem_pairs(current))
-        refunded = [c.claim_id for c in current if c.status == "refunded"]
+        await self._restore(keys.used(period), "replace", list(expected.used.items()))
+        await self._restore(keys.idempotency(period), "replace", list(expected.idem))
+        refunded = expected.refunded
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(keys.refunded(period))
             for start in range(0, len(refunded), RESTORE_CHUNK):
                 pipe.sadd(keys.refunded(period), *refunded[start : start + RESTORE_CHUNK])
             pipe.expire(keys.refunded(period), PERIOD_KEY_TTL_S)
             await pipe.execute()
-        if previous is not None:  # a retry across the period boundary still finds its claim
-            earlier = [c for c in snapshot.claims if c.period == previous]
-            await self._restore(keys.idempotency(previous), "setnx", idem_pairs(earlier))
+        if snapshot.previous is not None:  # a retry across the period boundary finds its claim
+            previous_pairs = list(expected.previous_idem)
+            await self._restore(keys.idempotency(snapshot.previous), "setnx", previous_pairs)
         argv: list[Any] = ["replace"]
-        for (option_id, expiry), count in snapshot.codes.items():
-            argv += [code_bucket(option_id, expiry), max(count, 0), expiry]
+        for (option_id, expiry), count in expected.codes.items():
+            argv += [code_bucket(option_id, expiry), count, expiry]
         await self.scripts.codes(keys=[keys.codes, keys.code_expiries, keys.live], args=argv)
 
     async def _restore(
@@ -343,7 +264,10 @@ class Recovery:
                 await self.ensure_tiers(self.calendar.period_at(await redis_now_ms(self.redis)))
                 if loop.time() - checked_lag_at >= lag_check_every_s:
                     checked_lag_at = loop.time()
-                    for benefit_id in await self.behind():
+                    # One process per interval compares with PostgreSQL, however many run.
+                    lease_ms = max(int(lag_check_every_s * 1000) - 50, 1)
+                    turn = await self.redis.set(LAG_CHECK_KEY, "1", nx=True, px=lease_ms)
+                    for benefit_id in await self.behind() if turn else []:
                         await self.ensure_benefit(benefit_id, force=True)
             except (BackendUnavailable, RedisError, OSError, asyncpg.PostgresError) as exc:
                 log.warning("recovery check failed (%s: %s); retrying", type(exc).__name__, exc)

@@ -1,13 +1,15 @@
-"""A benefit's claims as recovery sees them: the persisted rows and the stream entries not yet
-persisted, united by claim id, and what Redis's counters must say about them."""
+"""A benefit's claims as recovery and reconciliation see them: the persisted rows and the
+stream entries not yet persisted, united by claim id, and what Redis's counters must say
+about them (``Snapshot.expected_counters``: recovery writes it, ``reconcile`` compares
+Redis with it)."""
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
+import asyncpg
 from redis.asyncio import Redis
 
 from claim_service.store.keyspace import idem_field, text
@@ -29,19 +31,50 @@ class ClaimRecord:
 
 
 @dataclass
+class Counters:
+    """What Redis must hold for one benefit: the period's counters, and the free codes."""
+
+    stock: dict[str, int]  # taken, taken:<option_id>, accepted, added
+    used: dict[str, int]  # member -> units held this period
+    idem: list[tuple[str, str]]  # idempotency field -> "claim_id|option_id|tier|created_ms"
+    refunded: list[str]  # claim ids refunded this period
+    codes: dict[tuple[str, int], int]  # (option_id, expiry_ms or 0) -> free codes
+    previous_idem: list[tuple[str, str]]  # the previous period's idempotency keys
+
+
+@dataclass
 class Snapshot:
     claims: list[ClaimRecord]
     added: int
     codes: Counter[tuple[str, int]]
     unpersisted: int
     period: str
+    previous: str | None = None
 
     @property
     def claims_in_period(self) -> int:
         return sum(1 for c in self.claims if c.period == self.period)
 
+    def expected_counters(self) -> Counters:
+        """The exact counters these claims make: a refunded claim keeps its idempotency key
+        (a retry still finds it) but holds no unit, quota or code."""
+        current = [c for c in self.claims if c.period == self.period]
+        live = [c for c in current if c.status != "refunded"]
+        stock: Counter[str] = Counter({"taken": len(live), "accepted": len(current)})
+        for claim in live:
+            stock["taken:" + claim.option_id] += 1
+        earlier = [c for c in self.claims if self.previous and c.period == self.previous]
+        return Counters(
+            stock={**stock, "added": self.added},
+            used=dict(Counter(c.user_id for c in live)),
+            idem=idem_pairs(current),
+            refunded=[c.claim_id for c in current if c.status == "refunded"],
+            codes={bucket: max(count, 0) for bucket, count in self.codes.items()},
+            previous_idem=idem_pairs(earlier),
+        )
 
-def idem_pairs(claims: Iterable[ClaimRecord]) -> list[tuple[str, Any]]:
+
+def idem_pairs(claims: Iterable[ClaimRecord]) -> list[tuple[str, str]]:
     return [
         (
             idem_field(c.user_id, c.request_id),
@@ -82,3 +115,83 @@ def entry_claim(fields: dict[str, str]) -> ClaimRecord | None:
         )
     except (KeyError, ValueError):
         return None  # malformed: the writer dead-letters it
+
+
+async def read_snapshot(
+    pool: asyncpg.Pool,
+    benefit_id: str,
+    period: str,
+    previous: str | None,
+    in_stream: list[ClaimRecord],
+) -> Snapshot:
+    """One PostgreSQL snapshot of the benefit's claims (of ``period`` and ``previous``),
+    top-ups and free codes, united with ``in_stream`` (read *before*, so that an entry
+    persisted in between is seen twice and counted once, never missed)."""
+    periods_wanted = [period] if previous is None else [period, previous]
+    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+        rows = await conn.fetch(
+            """SELECT claim_id, user_id, request_id, option_id, period, tier, status,
+                      (extract(epoch FROM created_at) * 1000)::bigint AS created_ms,
+                      code_expiry_ms
+               FROM claims WHERE benefit_id = $1 AND period = ANY($2::text[])""",
+            benefit_id,
+            periods_wanted,
+        )
+        persisted = {
+            r["claim_id"]
+            for r in await conn.fetch(
+                "SELECT claim_id FROM claims WHERE claim_id = ANY($1::text[])",
+                [c.claim_id for c in in_stream],
+            )
+        }
+        added = await conn.fetchval(
+            """SELECT coalesce(sum(amount), 0) FROM stock_additions
+               WHERE benefit_id = $1 AND period = $2""",
+            benefit_id,
+            period,
+        )
+        free = await conn.fetch(
+            """SELECT option_id,
+                      coalesce((extract(epoch FROM expires_at) * 1000)::bigint, 0) AS expiry,
+                      count(*) AS n
+               FROM voucher_codes
+               WHERE benefit_id = $1 AND claim_id IS NULL
+                 AND (expires_at IS NULL OR expires_at > now())
+               GROUP BY 1, 2""",
+            benefit_id,
+        )
+        waiting = await conn.fetch(
+            """SELECT c.option_id, coalesce(c.code_expiry_ms, 0) AS expiry, count(*) AS n
+               FROM claims c JOIN benefit_options o USING (benefit_id, option_id)
+               WHERE c.benefit_id = $1 AND o.kind = 'card_key' AND c.code_id IS NULL
+                 AND c.status IN ('accepted', 'fulfilling')
+               GROUP BY 1, 2""",
+            benefit_id,
+        )
+    claims = {
+        r["claim_id"]: ClaimRecord(
+            r["claim_id"],
+            r["user_id"],
+            r["request_id"],
+            r["option_id"],
+            r["period"],
+            r["tier"],
+            r["created_ms"],
+            r["status"],
+            r["code_expiry_ms"],
+        )
+        for r in rows
+    }
+    unpersisted = [c for c in in_stream if c.claim_id not in persisted]
+    for claim in unpersisted:
+        if claim.period in periods_wanted:
+            claims.setdefault(claim.claim_id, claim)
+    codes: Counter[tuple[str, int]] = Counter()
+    for r in free:
+        codes[(r["option_id"], r["expiry"])] += r["n"]
+    for r in waiting:  # reserved by a persisted claim that has no code yet
+        codes[(r["option_id"], r["expiry"])] -= r["n"]
+    for claim in unpersisted:
+        if claim.code_expiry_ms is not None:
+            codes[(claim.option_id, claim.code_expiry_ms)] -= 1
+    return Snapshot(list(claims.values()), int(added), codes, len(unpersisted), period, previous)

@@ -11,15 +11,18 @@ from pathlib import Path
 import asyncpg
 from redis.asyncio import Redis
 
+from claim_service.claims.engine import ClaimEngine, ClaimRequest
+from claim_service.claims.writer import ClaimWriter
 from claim_service.config import Settings
 from claim_service.domain import periods
 from claim_service.domain.catalogue import parse_benefit
 from claim_service.http.auth import TokenVerifier
 from claim_service.local.embedded import free_port
 from claim_service.store import catalogue_store
-from claim_service.store.keyspace import BenefitKeys, tiers_key
+from claim_service.store.keyspace import BenefitKeys, idem_field, tiers_key
 from claim_service.store.recovery import Recovery
-from tests.helpers import benefit_body, service_env
+from claim_service.store.tiers import save_tiers
+from tests.helpers import benefit_body, drain, fast, service_env
 
 
 def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
@@ -154,3 +157,50 @@ def test_public_dev_secrets_are_refused_unless_everything_is_local(settings: Set
         "CLAIM_CODES_KEY": "00" * 32,
     }
     serves(start(settings, "serve", "--host", "0.0.0.0", *ports, **secrets), port)
+
+
+# -- reconcile ---------------------------------------------------------------------------------
+
+
+async def test_reconcile_reports_drift_and_fixes_it(
+    settings: Settings, redis: Redis, pool: asyncpg.Pool
+) -> None:
+    period = periods.current_period(settings.tz)
+    benefit = parse_benefit("video", benefit_body(stock=10, quota=1), settings.tz)
+    await catalogue_store.push_benefit(redis, await catalogue_store.save_benefit(pool, benefit))
+    await save_tiers(pool, redis, period, [(f"m{i}", 5) for i in range(5)])
+    engine = ClaimEngine(redis, settings, pool=pool)
+    for i in range(3):
+        assert (await engine.claim(ClaimRequest("video", f"m{i}", "r", "iqiyi"))).accepted
+    await drain(ClaimWriter(redis, pool, fast(settings)))
+
+    healthy = cli(settings, "reconcile")
+    assert healthy.returncode == 0, healthy.stderr
+    assert healthy.stdout == "1 benefit(s) compared: no drift\n"
+
+    keys = BenefitKeys("video")
+    await redis.hincrby(keys.stock(period), "taken", 1)
+    await redis.hdel(keys.idempotency(period), idem_field("m1", "r"))
+    drifted = cli(settings, "reconcile")
+    assert drifted.returncode == 1, drifted.stderr
+    lines = drifted.stdout.splitlines()
+    assert f"video {period} taken: Redis 4, expected 3 (+1)" in lines
+    claim_id = await pool.fetchval("SELECT claim_id FROM claims WHERE user_id = 'm1'")
+    assert (
+        f"video {period} idem_missing member 'm1' request 'r': Redis none, expected claim "
+        f"{claim_id}" in lines
+    )
+    assert lines[-1] == "1 benefit(s) compared: 2 drift(s) in 1 benefit(s); --fix repairs them"
+    assert len(lines) == 3
+    assert int(await redis.hget(keys.stock(period), "taken") or 0) == 4  # reported, untouched
+
+    fixed = cli(settings, "reconcile", "--fix")
+    assert fixed.returncode == 0, fixed.stderr
+    assert "video: rebuilt from PostgreSQL and the stream; 0 drift(s) left" in fixed.stdout
+    assert fixed.stdout.splitlines()[-1] == (
+        "1 benefit(s) compared: 2 drift(s) in 1 benefit(s); 0 left after --fix"
+    )
+    assert int(await redis.hget(keys.stock(period), "taken") or 0) == 3
+    assert cli(settings, "reconcile", "--period", period).returncode == 0
+    bad = cli(settings, "reconcile", "--period", "2026-13")
+    assert bad.returncode == 2 and "YYYY-MM" in bad.stderr

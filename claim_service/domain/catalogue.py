@@ -14,6 +14,12 @@ from claim_service.errors import ValidationError
 # \Z, not $: "$" also matches before a trailing newline, and "video\n" is no id.
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 TIME_RE = re.compile(r"^([01][0-9]|2[0-3]):([0-5][0-9])(?::([0-5][0-9]))?\Z")
+# An RFC 3339 date-time, offset included (the API's ``format: date-time``); [0-9], not \d,
+# which also matches other scripts' digits. The calendar is checked by ``fromisoformat``.
+TIMESTAMP_RE = re.compile(
+    r"([0-9]{4}-[0-9]{2}-[0-9]{2})[Tt]([0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?)"
+    r"([Zz]|[+-][0-9]{2}:[0-9]{2})\Z"
+)
 # Names and SKUs are shown to members and sent to partners; PostgreSQL rejects NUL outright.
 CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 KINDS = ("direct_charge", "card_key")
@@ -22,6 +28,36 @@ MAX_TIER = 99
 MAX_STOCK = 1_000_000_000
 MAX_OPTIONS = 64
 MAX_QUOTA = 1000
+
+
+class ConflictingFields(ValidationError):
+    """Input of the documented shape whose fields contradict each other (a release closing
+    before it opens, an option id or a quota tier given twice): no schema can say so, so the
+    API answers 422 rather than 400."""
+
+
+def as_integer(value: Any) -> Any:
+    """``value`` as an ``int`` when it is a whole number written ``3.0`` (an integer to JSON
+    Schema, a float to the JSON parser); anything else unchanged, for the caller to check."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def parse_timestamp(text: Any, field: str) -> datetime:
+    """An RFC 3339 date-time with its offset (``2026-12-01T10:00:00+08:00``, ``…Z``), years
+    0001-9999, no leap second; ``ValidationError`` naming ``field`` otherwise."""
+    match = TIMESTAMP_RE.match(text) if isinstance(text, str) else None
+    if match is None:
+        raise ValidationError(
+            f"{field} must be an RFC 3339 timestamp with an offset, e.g. 2026-12-01T10:00:00+08:00",
+            field=field,
+        )
+    date, clock, offset = match.groups()
+    try:
+        return datetime.fromisoformat(f"{date}T{clock}{'+00:00' if offset in 'Zz' else offset}")
+    except ValueError as exc:
+        raise ValidationError(f"{field} is not a valid date and time", field=field) from exc
 
 
 def check_id(value: Any, what: str) -> str:
@@ -166,7 +202,7 @@ class Benefit:
 def _int(data: dict[str, Any], name: str, lo: int, hi: int, where: str = "") -> int:
     """``data[name]``; errors name the field as ``where + name`` (``options[2].stock_cap``)."""
     field = where + name
-    value = data.get(name)
+    value = as_integer(data.get(name))
     if value is None:
         raise ValidationError(f"{field} is required", field=field)
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
@@ -194,16 +230,6 @@ def _second_of_day(text: Any, name: str) -> int:
     return int(match.group(1)) * 3600 + int(match.group(2)) * 60 + int(match.group(3) or 0)
 
 
-def _instant(text: Any, name: str, tz: ZoneInfo) -> datetime:
-    if not isinstance(text, str):
-        raise ValidationError(f"{name} must be an ISO 8601 timestamp", field=name)
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError as exc:
-        raise ValidationError(f"{name} must be an ISO 8601 timestamp", field=name) from exc
-    return moment if moment.tzinfo else moment.replace(tzinfo=tz)
-
-
 def parse_release(data: Any, tz: ZoneInfo) -> Release:
     if not isinstance(data, dict):
         raise ValidationError("release must be an object", field="release")
@@ -217,22 +243,23 @@ def parse_release(data: Any, tz: ZoneInfo) -> Release:
             close_day = _int(data, "close_day", 1, 31, "release.")
             close_second = _second_of_day(data.get("close_time", "00:00"), "release.close_time")
             if (close_day, close_second) <= (day, second):
-                raise ValidationError("release must close after it opens", field="release")
+                raise ConflictingFields("release must close after it opens", field="release")
         return Release(
             "monthly", day=day, second=second, close_day=close_day, close_second=close_second
         )
     if kind == "once":
-        opens = _instant(data.get("opens_at"), "release.opens_at", tz)
+        opens = parse_timestamp(data.get("opens_at"), "release.opens_at")
         closes = None
         if data.get("closes_at") is not None:
-            closes = _instant(data["closes_at"], "release.closes_at", tz)
+            closes = parse_timestamp(data["closes_at"], "release.closes_at")
             if closes <= opens:
-                raise ValidationError("release must close after it opens", field="release")
+                raise ConflictingFields("release must close after it opens", field="release")
         return Release("once", opens_at=opens, closes_at=closes)
     raise ValidationError("release.type must be 'monthly' or 'once'", field="release.type")
 
 
 def parse_quota(data: Any, min_tier: int) -> tuple[QuotaStep, ...]:
+    data = as_integer(data)
     if isinstance(data, int) and not isinstance(data, bool):
         return (QuotaStep(min_tier, _int({"quota": data}, "quota", 0, MAX_QUOTA)),)
     if not isinstance(data, list) or not data:
@@ -252,7 +279,7 @@ def parse_quota(data: Any, min_tier: int) -> tuple[QuotaStep, ...]:
         )
     steps.sort(key=lambda s: s.min_tier)
     if len({s.min_tier for s in steps}) != len(steps):
-        raise ValidationError("quota has two entries for the same min_tier", field="quota")
+        raise ConflictingFields("quota has two entries for the same min_tier", field="quota")
     return tuple(steps)
 
 
@@ -291,7 +318,7 @@ def parse_benefit(benefit_id: str, data: Any, tz: ZoneInfo, version: int = 0) ->
         raise ValidationError(f"options must be a list of 1..{MAX_OPTIONS}", field="options")
     options = tuple(parse_option(o, i) for i, o in enumerate(options_data))
     if len({o.option_id for o in options}) != len(options):
-        raise ValidationError("option ids must be unique", field="options")
+        raise ConflictingFields("option ids must be unique", field="options")
     paused = data.get("paused", False)
     if not isinstance(paused, bool):
         raise ValidationError("paused must be a boolean", field="paused")

@@ -25,7 +25,13 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from claim_service import metrics
-from claim_service.errors import BackendUnavailable, NotFoundError, ValidationError
+from claim_service.domain.catalogue import parse_timestamp
+from claim_service.errors import (
+    BackendUnavailable,
+    ConflictError,
+    NotFoundError,
+    ValidationError,
+)
 from claim_service.fulfilment.vault import Vault, code_context
 from claim_service.store.keyspace import BenefitKeys, Scripts, code_bucket
 from claim_service.store.recovery import benefit_lock
@@ -35,6 +41,10 @@ log = logging.getLogger(__name__)
 CHUNK = 5_000
 MAX_CODE = 256
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# The ends of the calendar a code's expiry is kept within, a second inside datetime.min and
+# max, which asyncpg would store as -infinity and infinity.
+FIRST_INSTANT = datetime(1, 1, 1, 0, 0, 1, tzinfo=UTC)
+LAST_INSTANT = datetime(9999, 12, 31, 23, 59, 58, tzinfo=UTC)
 
 
 def expiry_ms(expires_at: datetime | None) -> int:
@@ -58,23 +68,35 @@ class LoadReport:
     expired: int = 0
 
 
-def check_code_row(code: Any, secret: Any, expires_at: Any, tz: ZoneInfo) -> CodeRow:
+def check_code_row(
+    code: Any, secret: Any, expires_at: Any, tz: ZoneInfo, *, any_iso_time: bool = False
+) -> CodeRow:
+    """A code to load. ``expires_at`` (``None`` or empty: never) is an RFC 3339 timestamp with
+    its offset, as the API documents; CSV files (``any_iso_time``) may write any ISO 8601 form,
+    taken in ``tz`` when it has no offset."""
     if not isinstance(code, str) or not 0 < len(code.strip()) <= MAX_CODE:
         raise ValidationError(f"code must be 1..{MAX_CODE} characters", field="code")
     if secret is not None and (not isinstance(secret, str) or len(secret) > MAX_CODE):
         raise ValidationError(f"secret must be at most {MAX_CODE} characters", field="secret")
     expiry = None
     if expires_at not in (None, ""):
-        if not isinstance(expires_at, str):
+        if not any_iso_time:
+            expiry = parse_timestamp(expires_at, "expires_at")
+        elif not isinstance(expires_at, str):
             raise ValidationError("expires_at must be an ISO 8601 timestamp", field="expires_at")
-        try:
-            expiry = datetime.fromisoformat(expires_at)
-        except ValueError as exc:
-            raise ValidationError(
-                "expires_at must be an ISO 8601 timestamp", field="expires_at"
-            ) from exc
+        else:
+            try:
+                expiry = datetime.fromisoformat(expires_at)
+            except ValueError as exc:
+                raise ValidationError(
+                    "expires_at must be an ISO 8601 timestamp", field="expires_at"
+                ) from exc
         if expiry.tzinfo is None:
             expiry = expiry.replace(tzinfo=tz)
+        try:
+            expiry = min(max(expiry.astimezone(UTC), FIRST_INSTANT), LAST_INSTANT)
+        except OverflowError:  # past year 1 or 9999 in UTC, by its offset
+            expiry = FIRST_INSTANT if expiry.year == 1 else LAST_INSTANT
         # Whole milliseconds: the expiry is also a bucket name in Redis.
         expiry = expiry.replace(microsecond=expiry.microsecond // 1000 * 1000)
     return CodeRow(code.strip(), secret or None, expiry)
@@ -90,7 +112,7 @@ def read_code_csv(path: Path, tz: ZoneInfo) -> Iterator[CodeRow]:
                 continue
             padded = [*row, None, None][:3]
             try:
-                yield check_code_row(padded[0], padded[1], padded[2], tz)
+                yield check_code_row(padded[0], padded[1], padded[2], tz, any_iso_time=True)
             except ValidationError as exc:
                 raise ValidationError(f"{path}:{lineno}: {exc}") from exc
 
@@ -104,7 +126,9 @@ async def _card_key_option(pool: asyncpg.Pool, benefit_id: str, option_id: str) 
     if kind is None:
         raise NotFoundError("unknown_option", f"no option {option_id!r} on {benefit_id!r}")
     if kind != "card_key":
-        raise ValidationError(f"option {option_id!r} is not a card_key option", field="option_id")
+        # A well-formed request for an option of the wrong kind: the option's state, not the
+        # input, is in the way.
+        raise ConflictError("not_card_key", f"option {option_id!r} is not a card_key option")
 
 
 async def load_codes(

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from aiohttp import web
 
 from claim_service.claims.writer import backlog
 from claim_service.domain import periods
-from claim_service.domain.catalogue import MAX_STOCK, check_id, parse_benefit
+from claim_service.domain.catalogue import (
+    MAX_STOCK,
+    ConflictingFields,
+    as_integer,
+    check_id,
+    parse_benefit,
+)
 from claim_service.errors import ValidationError
 from claim_service.http.app import (
     ENGINE,
     PG,
     REDIS,
     SETTINGS,
+    error_response,
     json_response,
     read_json,
     read_json_any,
@@ -26,6 +34,10 @@ from claim_service.store.keyspace import BenefitKeys, text
 from claim_service.store.tiers import check_tier, check_user_id, save_tiers
 
 MAX_TIERS_PER_CALL = 100_000
+MAX_ANOMALIES = 1000
+ANOMALY_KIND_RE = re.compile(r"[a-z][a-z0-9_]{0,63}\Z")
+# Decimal digits only: str.isdigit() also takes "²", which int() refuses.
+LIMIT_RE = re.compile(r"0*([0-9]{1,4})\Z")
 
 
 def _admin(request: web.Request) -> None:
@@ -37,7 +49,10 @@ async def put_benefit(request: web.Request) -> web.Response:
     app = request.app
     benefit_id = check_id(request.match_info["benefit_id"], "benefit_id")
     data = await read_json(request, app[SETTINGS].max_body_bytes * 16)
-    benefit = parse_benefit(benefit_id, data, app[SETTINGS].tz)
+    try:
+        benefit = parse_benefit(benefit_id, data, app[SETTINGS].tz)
+    except ConflictingFields as exc:
+        return error_response(422, "invalid_request", str(exc), field=exc.field)
     existed = await app[PG].fetchval("SELECT 1 FROM benefits WHERE benefit_id = $1", benefit_id)
     saved = await catalogue_store.save_benefit(app[PG], benefit)
     await catalogue_store.push_benefit(app[REDIS], saved)
@@ -108,7 +123,7 @@ async def add_stock(request: web.Request) -> web.Response:
     app = request.app
     benefit_id = check_id(request.match_info["benefit_id"], "benefit_id")
     data = await read_json(request, app[SETTINGS].max_body_bytes)
-    amount = data.get("amount")
+    amount = as_integer(data.get("amount"))
     if isinstance(amount, bool) or not isinstance(amount, int) or not 0 < amount <= MAX_STOCK:
         raise ValidationError(f"amount must be an integer in 1..{MAX_STOCK}", field="amount")
     period = data.get("period")
@@ -142,7 +157,7 @@ async def put_tiers(request: web.Request) -> web.Response:
         if not isinstance(item, dict):
             raise ValidationError(f"item {i} must be an object", field=f"[{i}]")
         try:
-            rows[check_user_id(item.get("user_id"))] = check_tier(item.get("tier"))
+            rows[check_user_id(item.get("user_id"))] = check_tier(as_integer(item.get("tier")))
         except ValidationError as exc:
             raise ValidationError(f"item {i}: {exc}", field=f"[{i}]") from exc
     loaded = await save_tiers(app[PG], app[REDIS], period, list(rows.items()))
@@ -157,11 +172,13 @@ async def writer_backlog(request: web.Request) -> web.Response:
 async def get_anomalies(request: web.Request) -> web.Response:
     """``GET /admin/v1/anomalies[?kind=&limit=]``: counts by kind and the newest entries."""
     _admin(request)
-    kind = request.query.get("kind")
-    raw_limit = request.query.get("limit", "100")
-    if not raw_limit.isdigit() or not 0 < int(raw_limit) <= 1000:
-        raise ValidationError("limit must be an integer in 1..1000", field="limit")
-    return json_response(await list_anomalies(request.app[PG], kind, int(raw_limit)))
+    kind = request.query.get("kind") or None
+    if kind is not None and not ANOMALY_KIND_RE.match(kind):
+        raise ValidationError("kind must be a snake_case name, e.g. request_conflict", field="kind")
+    limit = LIMIT_RE.match(request.query.get("limit", "100"))
+    if limit is None or not 0 < int(limit.group(1)) <= MAX_ANOMALIES:
+        raise ValidationError(f"limit must be an integer in 1..{MAX_ANOMALIES}", field="limit")
+    return json_response(await list_anomalies(request.app[PG], kind, int(limit.group(1))))
 
 
 def add_routes(app: web.Application) -> None:

@@ -68,7 +68,16 @@ class TokenVerifier:
                 audience=self.audience,
                 issuer=self.issuer,
                 leeway=LEEWAY_S,
-                options={"require": ["sub", "exp"], "verify_aud": self.audience is not None},
+                # PyJWT's defaults, spelled out: a change of defaults must not loosen them.
+                options={
+                    "require": ["sub", "exp"],
+                    "verify_signature": True,
+                    "verify_exp": True,
+                    "verify_nbf": True,
+                    "verify_iat": True,
+                    "verify_iss": True,
+                    "verify_aud": self.audience is not None,
+                },
             )
         except jwt.ExpiredSignatureError as exc:
             raise AuthError("token expired") from exc

@@ -100,9 +100,24 @@ async def post_claim(request: web.Request) -> web.Response:
     benefit_id = _benefit_id(request)
     data = await read_json(request, request.app[SETTINGS].max_body_bytes)
     request_id, option_id, account = parse_claim_body(data)
-    decision = await request.app[ENGINE].claim(
-        ClaimRequest(benefit_id, user_id, request_id, option_id, account)
-    )
+    engine = request.app[ENGINE]
+    if option_id is None:  # omitted or null: the benefit's only option
+        benefit = await engine.benefit(benefit_id)
+        if benefit is None:
+            raise NotFoundError("unknown_benefit", f"no benefit {benefit_id!r}")
+        choices = [option.option_id for option in benefit.options]
+        if len(choices) != 1:
+            # The body is well formed; the benefit's options decide that one must be named.
+            return error_response(
+                409,
+                "option_required",
+                f"this benefit has several options: name one ({', '.join(choices)})",
+                field="option_id",
+                benefit_id=benefit_id,
+                options=choices,
+            )
+        option_id = choices[0]
+    decision = await engine.claim(ClaimRequest(benefit_id, user_id, request_id, option_id, account))
     return decision_response(decision, request.app[SETTINGS].tz)
 
 

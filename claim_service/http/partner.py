@@ -125,8 +125,13 @@ def _callback_body(body: bytes) -> dict[str, Any]:
         )
     for name in ("partner_ref", "reason"):
         value = data.get(name)
-        if value is not None and (not isinstance(value, str) or len(value) > 200):
-            raise ValidationError(f"{name} must be a string of at most 200 characters", field=name)
+        # Stored as text, which PostgreSQL refuses to hold a NUL in.
+        if value is not None and (
+            not isinstance(value, str) or len(value) > 200 or "\x00" in value
+        ):
+            raise ValidationError(
+                f"{name} must be a string of at most 200 characters, no NUL", field=name
+            )
     return data
 
 

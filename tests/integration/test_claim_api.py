@@ -146,8 +146,8 @@ async def test_option_cap(client: Client, settings: Settings) -> None:
 async def test_option_rules(client: Client, settings: Settings) -> None:
     await setup_benefit(client, settings)
     await load_tiers(client, settings, {"u": 5})
-    status, body = await claim(client, settings, "u", "r")
-    assert status == 400 and body["field"] == "option_id"
+    status, body = await claim(client, settings, "u", "r")  # which of several options?
+    assert status == 409 and body["error"] == "option_required" and body["field"] == "option_id"
     status, body = await claim(client, settings, "u", "r", option_id="nope")
     assert status == 404 and body["error"] == "unknown_option"
     status, body = await claim(client, settings, "u", "r", benefit_id="nope", option_id="x")

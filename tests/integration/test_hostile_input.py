@@ -256,7 +256,6 @@ async def test_json_that_is_not_an_object_is_400(
         ({"request_id": "r", "option_id": True}, "option_id"),
         ({"request_id": "r", "option_id": ["iqiyi"]}, "option_id"),
         ({"request_id": "r", "option_id": {"id": "iqiyi"}}, "option_id"),
-        ({"request_id": "r"}, "option_id"),  # two options: one must be named
         ({"request_id": "r", "option_id": "iqiyi", "account": 13800000000}, "account"),
         ({"request_id": "r", "option_id": "iqiyi", "account": False}, "account"),
         ({"request_id": "r", "option_id": "iqiyi", "account": ["a"]}, "account"),
@@ -673,7 +672,6 @@ BAD_BENEFITS: list[tuple[tuple[Any, ...], Any, str]] = [
     (("quota", 1, "per_period"), 1001, "quota[1].per_period"),
     (("quota", 0, "min_tier"), 100, "quota[0].min_tier"),
     (("quota", 0, "min_tier"), "4", "quota[0].min_tier"),
-    (("quota", 1, "min_tier"), 4, "quota"),  # two steps for one tier
     (("stock_per_period",), DELETE, "stock_per_period"),
     (("stock_per_period",), -1, "stock_per_period"),
     (("stock_per_period",), 1_000_000_001, "stock_per_period"),
@@ -701,11 +699,6 @@ BAD_BENEFITS: list[tuple[tuple[Any, ...], Any, str]] = [
         {"type": "monthly", "day": 1, "close_day": 2, "close_time": "25:00"},
         "release.close_time",
     ),
-    (
-        ("release",),
-        {"type": "monthly", "day": 10, "time": "10:00", "close_day": 10, "close_time": "09:59"},
-        "release",
-    ),
     (("release",), {"type": "once"}, "release.opens_at"),
     (("release",), {"type": "once", "opens_at": "yesterday"}, "release.opens_at"),
     (("release",), {"type": "once", "opens_at": 1_700_000_000}, "release.opens_at"),
@@ -714,15 +707,6 @@ BAD_BENEFITS: list[tuple[tuple[Any, ...], Any, str]] = [
         ("release",),
         {"type": "once", "opens_at": "2026-01-01T10:00:00+08:00", "closes_at": "soon"},
         "release.closes_at",
-    ),
-    (
-        ("release",),
-        {
-            "type": "once",
-            "opens_at": "2026-01-01T10:00:00+08:00",
-            "closes_at": "2026-01-01T09:00:00+07:00",
-        },
-        "release",
     ),
     (("paused",), "yes", "paused"),
     (("paused",), 1, "paused"),
@@ -733,7 +717,6 @@ BAD_BENEFITS: list[tuple[tuple[Any, ...], Any, str]] = [
     (("options",), {"option_id": "iqiyi"}, "options"),
     (("options",), OPTIONS_65, "options"),
     (("options", 0), "iqiyi", "options[0]"),
-    (("options", 1, "option_id"), "iqiyi", "options"),  # duplicate ids
     (("options", 0, "option_id"), DELETE, "options[0].option_id"),
     (("options", 0, "option_id"), "a b", "options[0].option_id"),
     (("options", 0, "option_id"), 7, "options[0].option_id"),
@@ -786,7 +769,14 @@ async def test_benefit_that_is_not_an_object_is_400(
     [
         ({"type": "once", "opens_at": "0001-01-01T00:00:00+14:00"}, {202}),
         ({"type": "once", "opens_at": "9999-12-31T23:59:59-14:00"}, {425}),
-        ({"type": "once", "opens_at": "2000-01-01", "closes_at": "9999-12-31T23:59:59.99"}, {202}),
+        (
+            {
+                "type": "once",
+                "opens_at": "2000-01-01T00:00:00+08:00",
+                "closes_at": "9999-12-31T23:59:59.99+08:00",
+            },
+            {202},
+        ),
         # Day 31 means the month's last day; which side of the window "now" is depends on
         # the date the test runs.
         (
@@ -875,7 +865,6 @@ async def test_malformed_tiers_json_is_400(client: Client, settings: Settings) -
         ({"amount": -1}, "amount"),
         ({"amount": 1_000_000_001}, "amount"),
         ({"amount": "5"}, "amount"),
-        ({"amount": 5.0}, "amount"),
         ({"amount": True}, "amount"),
         ({"amount": None}, "amount"),
         ({"amount": [5]}, "amount"),
@@ -1034,7 +1023,7 @@ async def test_bad_partner_config_is_400(
         ("keys", [{"code": "ok", "secret": 5}], 400, "invalid_request", "[0]"),
         ("keys", [{"code": "ok", "expires_at": "soon"}], 400, "invalid_request", "[0]"),
         ("keys", [{"code": "ok", "expires_at": 1_700_000_000}], 400, "invalid_request", "[0]"),
-        ("iqiyi", ["ok"], 400, "invalid_request", "option_id"),  # not a card_key option
+        ("iqiyi", ["ok"], 409, "not_card_key", None),  # not a card_key option
         ("nope", ["ok"], 404, "unknown_option", None),
         ("bad%20id", ["ok"], 400, "invalid_request", "option_id"),
     ],
@@ -1192,7 +1181,7 @@ def test_openapi_documents_the_errors_routes_can_give() -> None:
     assert schemes["memberJwt"]["scheme"] == schemes["adminToken"]["scheme"] == "bearer"
     for path, item in doc["paths"].items():
         for method, op in item.items():
-            if method == "parameters":
+            if method in ("parameters", "servers"):
                 continue
             responses = op["responses"]
             security = op.get("security", doc["security"])

@@ -78,14 +78,16 @@ async def test_drill_writer_killed_mid_batch_and_restarted(
         await wait_ready(http, ports.base, ports.admin)
         await open_benefit(http, ports, local, stock=size.stock, members=size.members)
     client = RecordingClient(ports.base, local)
-    burst = asyncio.create_task(client.burst(list(claims_of(size.members)), size.concurrency))
-
-    await client.acknowledged_at_least(size.stock // 4)
+    # The writer at work first: one claim persisted before the burst.
+    async with aiohttp.ClientSession() as http:
+        assert await client.claim(http, "u0", "a") == 202
 
     async def persisting() -> bool:
         return int(await pool.fetchval("SELECT count(*) FROM claims")) > 0
 
     await wait_for(persisting)
+    burst = asyncio.create_task(client.burst(list(claims_of(size.members)), size.concurrency))
+    await client.acknowledged_at_least(size.stock // 4)
     writer.send_signal(signal.SIGKILL)
     writer.wait(10)
     killed_at_rows = int(await pool.fetchval("SELECT count(*) FROM claims"))

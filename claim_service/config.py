@@ -76,6 +76,11 @@ class Settings:
     max_body_bytes: int = 16 * 1024
     admin_max_body_bytes: int = 16 * 1024 * 1024
     batch_max: int = 256
+    max_in_flight: int = 1024  # claims awaiting a decision per worker; past it 503 at once
+    rate_member_per_s: float = 10.0  # claims a member may send per second (0: no limit)
+    rate_member_burst: float = 20.0
+    rate_ip_per_s: float = 0.0  # per client address (0: no limit; NATs share addresses)
+    rate_ip_burst: float = 200.0
     writer_batch: int = 500
     writer_block_ms: int = 1000
     writer_claim_idle_ms: int = 15_000
@@ -132,6 +137,11 @@ class Settings:
             raise ConfigError("CLAIM_MAX_CONNECTIONS must be at least 16")
         if self.batch_max < 1 or self.writer_batch < 1:
             raise ConfigError("batch sizes must be at least 1")
+        if self.max_in_flight < 1:
+            raise ConfigError("CLAIM_MAX_IN_FLIGHT must be at least 1")
+        for name in ("rate_member_per_s", "rate_member_burst", "rate_ip_per_s", "rate_ip_burst"):
+            if not 0 <= getattr(self, name) <= 1_000_000:
+                raise ConfigError(f"CLAIM_{name.upper()} must be in [0, 1000000]")
         parse_key(self.codes_key)
         if self.log_format not in ("text", "json"):
             raise ConfigError("CLAIM_LOG_FORMAT must be 'text' or 'json'")

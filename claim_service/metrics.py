@@ -26,6 +26,16 @@ def registry() -> CollectorRegistry:
 CLAIM_DECISIONS = Counter(
     "claim_decisions_total", "Claims decided by claim.lua, by outcome", ["outcome"]
 )
+CLAIM_LOCAL_ANSWERS = Counter(
+    "claim_local_answers_total",
+    "Claims a worker answered without Redis (before opening, sold out), by outcome",
+    ["outcome"],
+)
+CLAIMS_SHED = Counter(
+    "claim_shed_total",
+    "Claims refused before a decision to protect the service, by reason",
+    ["reason"],
+)
 CLAIM_BATCH_SIZE = Gauge(
     "claim_last_batch_size", "Claims in the last Lua batch", multiprocess_mode="mostrecent"
 )

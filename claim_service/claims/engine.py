@@ -25,7 +25,9 @@ from redis.exceptions import RedisError
 
 from claim_service import metrics
 from claim_service.claims.benefit_cache import BenefitCache
+from claim_service.claims.decisions import ACCEPTED, ClaimDecision, ClaimRequest, Span
 from claim_service.claims.durability import DurableAck, held_connection
+from claim_service.claims.gate import Gate
 from claim_service.config import Settings
 from claim_service.domain import periods
 from claim_service.domain.catalogue import Benefit
@@ -41,7 +43,6 @@ from claim_service.store.recovery import Recovery
 
 log = logging.getLogger(__name__)
 
-ACCEPTED = ("ok", "dup")
 RESULT_WIDTH = 6
 MAX_REQUEST_ID = 64
 MAX_ACCOUNT = 128
@@ -52,61 +53,12 @@ def new_claim_id() -> str:
     return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(10)}"
 
 
-@dataclass(frozen=True)
-class ClaimRequest:
-    benefit_id: str
-    user_id: str
-    request_id: str
-    option_id: str | None = None
-    account: str = ""
-
-
-@dataclass(frozen=True)
-class ClaimDecision:
-    """What ``claim.lua`` decided for one request.
-
-    ``code`` is ``ok`` (accepted now), ``dup`` (the same request accepted earlier) or a
-    rejection: ``paused``, ``not_open``, ``closed``, ``unknown_option``, ``tier``, ``quota``,
-    ``sold_out``, ``option_sold_out``.
-    """
-
-    code: str
-    benefit_id: str
-    option_id: str
-    period: str
-    stock_left: int
-    tier: int
-    claim_id: str | None = None
-    created_at: datetime | None = None
-    used: int = 0
-    quota: int = 0
-    opens_at: datetime | None = None
-
-    @property
-    def accepted(self) -> bool:
-        return self.code in ACCEPTED
-
-
 @dataclass
 class _Pending:
     request: ClaimRequest
     option_id: str
     claim_id: str
     future: asyncio.Future[ClaimDecision]
-
-
-@dataclass(frozen=True)
-class Span:
-    """The period a batch is proposed for, its bounds and its release window (unix ms)."""
-
-    period: str
-    previous: str | None
-    tiers_period: str
-    start_ms: int
-    end_ms: int
-    opens: datetime
-    opens_ms: int
-    closes_ms: int
 
 
 class ClaimEngine:
@@ -133,6 +85,7 @@ class ClaimEngine:
         self.recovery = Recovery(pool, redis, settings, self.calendar) if pool else None
         self.catalogue = BenefitCache(redis, self.tz, self.recovery)
         self.durability = DurableAck(settings)
+        self.gate = Gate(redis)
         self._queues: dict[str, list[_Pending]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         # Redis's clock minus ours, learned from every batch: the period proposed for a
@@ -140,6 +93,7 @@ class ClaimEngine:
         self.clock_offset_ms = 0
         self.batches = 0
         self.batched_claims = 0
+        self.local_answers = 0
 
     # -- catalogue -----------------------------------------------------------------------
 
@@ -215,6 +169,11 @@ class ClaimEngine:
                     field="option_id",
                 )
             option_id = benefit.options[0].option_id
+        local = self.gate.answer(benefit, request.user_id, option_id, self._redis_ms())
+        if local is not None:
+            self.local_answers += 1
+            metrics.CLAIM_LOCAL_ANSWERS.labels(local.code).inc()
+            return local
         # An option this copy of the benefit lacks still goes to claim.lua: a retry of an
         # accepted request must get its claim back, and the option may be newer than the copy.
         loop = asyncio.get_running_loop()
@@ -317,6 +276,7 @@ class ClaimEngine:
                 self._decision(benefit, span, raw[2 + i * width : 2 + (i + 1) * width])
                 for i in range(len(batch))
             ]
+            self.gate.learn(benefit, span, [item.request.user_id for item in batch], decisions)
             metrics.CLAIM_BATCH_SIZE.set(len(batch))
             for decision in decisions:
                 metrics.CLAIM_DECISIONS.labels(decision.code).inc()
@@ -370,5 +330,6 @@ class ClaimEngine:
         """Wait for batches already sent to Redis (used on shutdown)."""
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.gate.close()
 
     # -- member views --------------------------------------------------------------------

@@ -42,6 +42,7 @@ from claim_service.store.keyspace import (
     text,
 )
 from claim_service.store.reconcile import Reconciler
+from claim_service.store.stock_events import announce
 
 log = logging.getLogger(__name__)
 
@@ -343,6 +344,8 @@ class ClaimWriter:
         )
         if int(done) < 0:  # counters being recovered: keep the entry and try again later
             raise BackendUnavailable(f"benefit {benefit_id} is being recovered")
+        if int(done):
+            await announce(self.redis, benefit_id)
         self.stats.conflicts += 1
         await record_anomaly(
             self.pool,

@@ -21,6 +21,7 @@ from claim_service.errors import BackendUnavailable, ConflictError, NotFoundErro
 from claim_service.metrics import REFUNDS
 from claim_service.store.claim_states import transition
 from claim_service.store.keyspace import PERIOD_KEY_TTL_S, BenefitKeys, Scripts
+from claim_service.store.stock_events import announce
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ async def _refund_in_redis(redis: Redis, row: asyncpg.Record) -> bool:
     )
     if done < 0:
         raise _Recovering
+    if done:
+        await announce(redis, row["benefit_id"])
     return bool(done)
 
 

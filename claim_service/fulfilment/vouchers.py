@@ -35,6 +35,7 @@ from claim_service.errors import (
 from claim_service.fulfilment.vault import Vault, code_context
 from claim_service.store.keyspace import BenefitKeys, Scripts, code_bucket
 from claim_service.store.recovery import benefit_lock
+from claim_service.store.stock_events import announce
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +190,7 @@ async def load_codes(
                     await Scripts(redis).codes(
                         keys=[keys.codes, keys.code_expiries, keys.live], args=argv
                     )
+                    await announce(redis, benefit_id)
         except RedisError as exc:
             raise BackendUnavailable("codes stored; Redis not updated, run `warm`") from exc
         usable = sum(buckets.values())

@@ -27,6 +27,7 @@ from claim_service.errors import (
 )
 from claim_service.fulfilment.vault import Vault, VaultError
 from claim_service.http.auth import AuthError, TokenVerifier
+from claim_service.http.limits import ClaimLimits
 from claim_service.http.server import RequestBodyTimeout
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ PG = web.AppKey("pg", asyncpg.Pool)
 ENGINE = web.AppKey("engine", ClaimEngine)
 VERIFIER = web.AppKey("verifier", TokenVerifier)
 VAULT = web.AppKey("vault", Vault)
+LIMITS = web.AppKey("limits", ClaimLimits)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -68,12 +70,14 @@ def json_response(
     )
 
 
-def error_response(status: int, code: str, message: str, **extra: Any) -> web.Response:
+def error_response(
+    status: int, code: str, message: str, *, retry_after: str = "1", **extra: Any
+) -> web.Response:
     headers = None
     if status == 401:
         headers = {"WWW-Authenticate": "Bearer"}
     elif status in (429, 503):
-        headers = {"Retry-After": "1"}
+        headers = {"Retry-After": retry_after}
     return json_response({"error": code, "message": message, **extra}, status, headers)
 
 

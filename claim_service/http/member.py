@@ -14,7 +14,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from redis.exceptions import RedisError
 
 from claim_service import metrics
-from claim_service.claims.engine import MAX_ACCOUNT, MAX_REQUEST_ID, ClaimDecision, ClaimRequest
+from claim_service.claims.decisions import ClaimDecision, ClaimRequest
+from claim_service.claims.engine import MAX_ACCOUNT, MAX_REQUEST_ID
 from claim_service.claims.records import find_claim, format_time, member_claims
 from claim_service.claims.views import member_catalogue
 from claim_service.domain import periods
@@ -23,6 +24,7 @@ from claim_service.errors import BackendUnavailable, NotFoundError, ValidationEr
 from claim_service.fulfilment.vouchers import reveal
 from claim_service.http.app import (
     ENGINE,
+    LIMITS,
     PG,
     REDIS,
     SETTINGS,
@@ -33,6 +35,7 @@ from claim_service.http.app import (
     read_json,
 )
 from claim_service.http.auth import bearer
+from claim_service.http.limits import retry_after
 
 READY_TIMEOUT_S = 2.0
 METRICS = web.AppKey("metrics", CollectorRegistry)
@@ -96,7 +99,34 @@ def parse_claim_body(data: dict[str, Any]) -> tuple[str, str | None, str]:
 
 
 async def post_claim(request: web.Request) -> web.Response:
+    limits = request.app[LIMITS]
+    if limits.full:
+        metrics.CLAIMS_SHED.labels("overloaded").inc()
+        return error_response(503, "overloaded", "too many claims in flight here; retry shortly")
+    if limits.addresses.enabled:
+        wait = limits.addresses.take(request.remote or "")
+        if wait:
+            return _rate_limited(wait)
     user_id = member(request)
+    if limits.members.enabled:
+        wait = limits.members.take(user_id)
+        if wait:
+            return _rate_limited(wait)
+    limits.in_flight += 1
+    try:
+        return await _claim(request, user_id)
+    finally:
+        limits.in_flight -= 1
+
+
+def _rate_limited(wait: float) -> web.Response:
+    metrics.CLAIMS_SHED.labels("rate_limited").inc()
+    return error_response(
+        429, "rate_limited", "too many claims; slow down", retry_after=retry_after(wait)
+    )
+
+
+async def _claim(request: web.Request, user_id: str) -> web.Response:
     benefit_id = _benefit_id(request)
     data = await read_json(request, request.app[SETTINGS].max_body_bytes)
     request_id, option_id, account = parse_claim_body(data)

@@ -17,6 +17,7 @@ from claim_service.http import admin, member, partner
 from claim_service.http.app import (
     ENGINE,
     HANDLER_ARGS,
+    LIMITS,
     PG,
     REDIS,
     SETTINGS,
@@ -25,6 +26,7 @@ from claim_service.http.app import (
     error_middleware,
 )
 from claim_service.http.auth import TokenVerifier
+from claim_service.http.limits import ClaimLimits
 from claim_service.store.connections import create_pg_pool, create_redis
 from claim_service.store.recovery import Recovery
 
@@ -43,6 +45,7 @@ def create_app(
     app[SETTINGS] = settings
     app[VERIFIER] = TokenVerifier(settings)
     app[VAULT] = Vault(settings.codes_key)
+    app[LIMITS] = ClaimLimits(settings)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         if pools is not None:
@@ -58,9 +61,11 @@ def create_app(
         # found behind PostgreSQL, while serving.
         stop_watch = asyncio.Event()
         watch = asyncio.create_task(Recovery(pg, redis, settings).watch(stop_watch))
+        gate = asyncio.create_task(app[ENGINE].gate.run(stop_watch))
         yield
         stop_watch.set()
         await watch
+        await gate
         await app[ENGINE].drain()
         if pools is None:
             await pg.close()

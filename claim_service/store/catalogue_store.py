@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 from claim_service.domain.catalogue import Benefit, parse_benefit
 from claim_service.errors import BackendUnavailable, NotFoundError
 from claim_service.store.keyspace import CATALOGUE_KEY, PERIOD_KEY_TTL_S, BenefitKeys, Scripts
+from claim_service.store.stock_events import announce
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ async def push_benefit(redis: Redis, benefit: Benefit) -> bool:
         written = await Scripts(redis).push_config(keys=[keys.config, CATALOGUE_KEY], args=argv)
     except RedisError as exc:
         raise BackendUnavailable("could not push the benefit to Redis") from exc
+    await announce(redis, benefit.benefit_id)
     return bool(written)
 
 
@@ -182,4 +184,5 @@ async def add_stock(
         )
     except RedisError as exc:
         raise BackendUnavailable("stock recorded; Redis not updated, run `warm`") from exc
+    await announce(redis, benefit_id)
     return int(total)

@@ -27,6 +27,9 @@ LAG_CHECK_KEY = f"{PREFIX}:lagcheck"  # lease: one process per interval compares
 # PostgreSQL NOTIFY channel: the writer wakes fulfil workers when it has persisted claims.
 CLAIMS_WRITTEN_CHANNEL = "claims_written"
 WRITER_GROUP = "writers"
+# Pub/sub: a benefit id (or "*" for all) whose stock, codes, configuration or tiers changed in
+# a way that can turn a refusal into an acceptance (claims' local gates listen).
+STOCK_CHANNEL = f"{PREFIX}:stock"
 # Per-period keys outlive their month so late retries and reports still find them, then
 # expire; PostgreSQL keeps the permanent record.
 PERIOD_KEY_TTL_S = 100 * 24 * 3600

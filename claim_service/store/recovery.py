@@ -47,6 +47,7 @@ from claim_service.store.keyspace import (
     tiers_live_key,
 )
 from claim_service.store.snapshot import Snapshot, read_snapshot, stream_claims
+from claim_service.store.stock_events import announce
 from claim_service.store.tiers import push_tiers_from_db
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,7 @@ class Recovery:
         snapshot = await read_snapshot(self.pool, benefit_id, period, previous, in_stream)
         await self._write(benefit, snapshot)
         await self.scripts.live(keys=[keys.live], args=["mark"])
+        await announce(self.redis, benefit_id)
         log.info(
             "benefit %s recovered for %s: %d claim(s), %d not yet persisted",
             benefit_id,

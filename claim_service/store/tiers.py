@@ -14,6 +14,7 @@ from redis.exceptions import RedisError
 from claim_service.domain.catalogue import MAX_TIER
 from claim_service.errors import BackendUnavailable, ValidationError
 from claim_service.store.keyspace import PERIOD_KEY_TTL_S, tiers_key
+from claim_service.store.stock_events import announce
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ async def save_tiers(
         tiers,
     )
     await _push(redis, period, rows)
+    await announce(redis)  # a member's tier may have changed: every gate forgets tiers
     return len(rows)
 
 

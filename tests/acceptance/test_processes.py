@@ -19,7 +19,8 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from claim_service.claims.engine import ClaimEngine, ClaimRequest
+from claim_service.claims.decisions import ClaimRequest
+from claim_service.claims.engine import ClaimEngine
 from claim_service.claims.writer import ensure_group
 from claim_service.config import Settings
 from claim_service.domain import periods

@@ -42,7 +42,7 @@ BENEFIT = "video"
 OPTION = "iqiyi"
 QUOTA = 1
 ACKED = (200, 202)
-RETRIED = (503,)  # the answer says "not decided, or not known": the same request is retried
+RETRIED = (429, 503)  # "not decided (yet), or not known": the same request is retried
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,9 @@ import pytest
 import redis as redis_sync
 from redis.asyncio import Redis
 
+from claim_service.claims.decisions import ClaimRequest
 from claim_service.claims.durability import ServerFacts, check_server, durability_problems
-from claim_service.claims.engine import ClaimEngine, ClaimRequest
+from claim_service.claims.engine import ClaimEngine
 from claim_service.config import Settings
 from claim_service.errors import BackendUnavailable, ConfigError
 from claim_service.local.embedded import EmbeddedValkey

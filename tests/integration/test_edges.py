@@ -13,7 +13,8 @@ import asyncpg
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
-from claim_service.claims.engine import ClaimEngine, ClaimRequest
+from claim_service.claims.decisions import ClaimRequest
+from claim_service.claims.engine import ClaimEngine
 from claim_service.claims.writer import ClaimWriter
 from claim_service.config import Settings
 from claim_service.domain import periods

@@ -16,7 +16,8 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from claim_service.claims.engine import ClaimEngine, ClaimRequest
+from claim_service.claims.decisions import ClaimRequest
+from claim_service.claims.engine import ClaimEngine
 from claim_service.claims.writer import ClaimWriter
 from claim_service.config import Settings
 from claim_service.domain import periods

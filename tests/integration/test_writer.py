@@ -9,7 +9,8 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
-from claim_service.claims.engine import ClaimEngine, ClaimRequest
+from claim_service.claims.decisions import ClaimRequest
+from claim_service.claims.engine import ClaimEngine
 from claim_service.claims.writer import ClaimWriter, ensure_group
 from claim_service.config import Settings
 from claim_service.domain import periods

@@ -203,7 +203,10 @@ def service(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Ite
     )
     log = tmp_path_factory.mktemp("fuzz") / "serve.log"
     asyncio.run(_reset(settings))
-    proc, ports = spawn_serve(settings, log, "--writer")
+    # No member rate limit here: the fuzzer sends hundreds of claims as one member, and the
+    # 429 the limit answers (documented; tests/integration/test_short_circuits.py) would be
+    # read as a valid request refused.
+    proc, ports = spawn_serve(settings, log, "--writer", CLAIM_RATE_MEMBER_PER_S="0")
     try:
         asyncio.run(_seed(settings, ports))
         yield Service(ports, log)

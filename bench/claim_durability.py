@@ -19,8 +19,9 @@ import asyncpg
 import redis as redis_sync
 from redis.asyncio import Redis
 
+from claim_service.claims.decisions import ClaimRequest
 from claim_service.claims.durability import check_server
-from claim_service.claims.engine import ClaimEngine, ClaimRequest
+from claim_service.claims.engine import ClaimEngine
 from claim_service.config import Settings
 from claim_service.domain import periods
 from claim_service.domain.catalogue import parse_benefit

@@ -47,7 +47,8 @@ from redis.asyncio import Redis
 
 from bench import claim_durability
 from bench.report import Report, Row, write_report
-from claim_service.claims.engine import ClaimEngine, ClaimRequest
+from claim_service.claims.decisions import ClaimRequest
+from claim_service.claims.engine import ClaimEngine
 from claim_service.config import Settings
 from claim_service.domain import periods
 from claim_service.domain.catalogue import parse_benefit

@@ -23,7 +23,8 @@ import asyncpg
 import uvloop
 from redis.asyncio import Redis
 
-from claim_service.claims.engine import ClaimEngine, ClaimRequest
+from claim_service.claims.decisions import ClaimRequest
+from claim_service.claims.engine import ClaimEngine
 from claim_service.config import Settings
 from claim_service.domain import periods
 from claim_service.domain.catalogue import parse_benefit

@@ -12,6 +12,7 @@ import time
 from collections import OrderedDict
 
 import jwt
+from jwt.algorithms import HMACAlgorithm
 
 from claim_service.config import DEV_JWT_SECRET, Settings
 from claim_service.errors import ClaimServiceError
@@ -21,6 +22,29 @@ ASYMMETRIC = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256")
 LEEWAY_S = 5
 MAX_TOKEN_BYTES = 8192
 TOKEN_CACHE_SIZE = 100_000  # verified tokens remembered (LRU, never past their exp)
+
+
+class _PreparedHS256(HMACAlgorithm):
+    """HS256 whose key checks (not empty, not PEM, SSH or DER) run once per secret, not on
+    every token: PyJWT repeats them for each verification, and at release time each member
+    brings a token the cache has not seen. Only configured secrets reach it (at most a few)."""
+
+    def __init__(self) -> None:
+        super().__init__(HMACAlgorithm.SHA256)
+        self._prepared: dict[str | bytes, bytes] = {}
+
+    def prepare_key(self, key: str | bytes) -> bytes:
+        prepared = self._prepared.get(key)
+        if prepared is None:
+            prepared = super().prepare_key(key)  # raises on a key it refuses: not kept
+            if len(self._prepared) >= 8:
+                self._prepared.clear()
+            self._prepared[key] = prepared
+        return prepared
+
+
+jwt.unregister_algorithm("HS256")
+jwt.register_algorithm("HS256", _PreparedHS256())
 
 
 class AuthError(ClaimServiceError):

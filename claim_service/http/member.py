@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections import OrderedDict
 from importlib import resources
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -151,7 +152,36 @@ async def _claim(request: web.Request, user_id: str) -> web.Response:
     return decision_response(decision, request.app[SETTINGS].tz)
 
 
+# Answers that are the same for every member (not open, sold out), encoded once: the bodies
+# the gate gives thousands of times a second while a benefit is sold out.
+_CONSTANT: OrderedDict[tuple[Any, ...], bytes] = OrderedDict()
+CONSTANT_ANSWERS = 256
+CONSTANT_CODES = frozenset({"not_open", "sold_out", "option_sold_out"})
+
+
 def decision_response(decision: ClaimDecision, tz: ZoneInfo) -> web.Response:
+    if decision.code not in CONSTANT_CODES:
+        return _decision_response(decision, tz)
+    key = (
+        decision.code,
+        decision.benefit_id,
+        decision.option_id,
+        decision.period,
+        decision.stock_left,
+        decision.opens_at,
+    )
+    body = _CONSTANT.get(key)
+    if body is None:
+        encoded = _decision_response(decision, tz).body
+        assert isinstance(encoded, bytes)
+        body = _CONSTANT[key] = encoded
+        if len(_CONSTANT) > CONSTANT_ANSWERS:
+            _CONSTANT.popitem(last=False)
+    status = REJECTIONS[decision.code][0]
+    return web.Response(body=body, status=status, content_type="application/json")
+
+
+def _decision_response(decision: ClaimDecision, tz: ZoneInfo) -> web.Response:
     if decision.accepted:
         body = {
             "claim_id": decision.claim_id,

@@ -57,6 +57,7 @@ class Settings:
     redis_url: str | None = None
     database_url: str | None = None
     redis_timeout_ms: int = 1000
+    pg_timeout_ms: int = 5000  # each PostgreSQL statement of ``serve``
     durability: str = "none"
     durability_replicas: int = 1
     durability_timeout_ms: int = 500
@@ -150,6 +151,8 @@ class Settings:
         self._validate_redis()
 
     def _validate_redis(self) -> None:
+        if not 100 <= self.pg_timeout_ms <= 600_000:
+            raise ConfigError("CLAIM_PG_TIMEOUT_MS must be in [100, 600000]")
         if not 10 <= self.redis_timeout_ms <= 60_000:
             raise ConfigError("CLAIM_REDIS_TIMEOUT_MS must be in [10, 60000]")
         if self.durability not in DURABILITY_MODES:

@@ -104,7 +104,10 @@ async def _serve(settings: Settings, with_writer: bool, reuse_port: bool) -> int
         redis_url, max_connections=REDIS_POOL_SIZE, timeout_s=settings.redis_timeout_ms / 1000
     )
     try:
-        pg = await create_pg_pool(database_url, max_size=PG_POOL_SIZE)
+        # A hung PostgreSQL makes a read a 503 within CLAIM_PG_TIMEOUT_MS, not a hang.
+        pg = await create_pg_pool(
+            database_url, max_size=PG_POOL_SIZE, command_timeout_s=settings.pg_timeout_ms / 1000
+        )
         try:
             return await _listen(settings, (redis, pg), with_writer, reuse_port)
         finally:

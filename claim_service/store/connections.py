@@ -150,12 +150,19 @@ async def create_redis(
     raise AssertionError("unreachable")
 
 
-async def create_pg_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    """An asyncpg pool; waits (with retries) until the server accepts connections."""
+async def create_pg_pool(
+    url: str, *, min_size: int = 1, max_size: int = 10, command_timeout_s: float = 60.0
+) -> asyncpg.Pool:
+    """An asyncpg pool; waits (with retries) until the server accepts connections. Each
+    statement fails (``TimeoutError``) after ``command_timeout_s``."""
     for attempt in range(1, REDIS_CONNECT_RETRIES + 1):
         try:
             pool = await asyncpg.create_pool(
-                url, min_size=min_size, max_size=max_size, command_timeout=60
+                url,
+                min_size=min_size,
+                max_size=max_size,
+                command_timeout=command_timeout_s,
+                timeout=command_timeout_s,  # opening a connection, too
             )
             assert pool is not None
             return pool

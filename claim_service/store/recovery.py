@@ -231,12 +231,16 @@ class Recovery:
             if not await is_live(self.redis, keys.live):
                 continue  # recovered on its first claim anyway
             period = claim_period(benefit, self.calendar, now_ms)
-            accepted = int(await self.redis.hget(keys.stock(period), "accepted") or 0)
+            # PostgreSQL first: a row persisted after Redis was read would look like a claim
+            # Redis lacks (at release time, every check would rebuild the benefit). A claim
+            # reaches PostgreSQL only after Redis accepted it, so read in this order a Redis
+            # that did not go back in time always has at least as many.
             persisted = await self.pool.fetchval(
                 "SELECT count(*) FROM claims WHERE benefit_id = $1 AND period = $2",
                 benefit.benefit_id,
                 period,
             )
+            accepted = int(await self.redis.hget(keys.stock(period), "accepted") or 0)
             if persisted > accepted:
                 log.warning(
                     "Redis is behind PostgreSQL for %s/%s (%d accepted in Redis, %d "

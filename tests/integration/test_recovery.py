@@ -269,3 +269,43 @@ async def test_writer_never_swallows_a_reused_request_id(
     assert int(await redis.hget(keys.stock(period), "taken") or 0) == 1
     assert int(await redis.hget(keys.used(period), "u1") or 0) == 0
     assert await redis.hlen(keys.pending) == 0
+
+
+async def test_rows_persisted_during_the_check_are_not_mistaken_for_a_redis_behind(
+    settings: Settings, redis: Redis, pool: asyncpg.Pool
+) -> None:
+    """Claims keep being accepted and persisted while the check runs (a release): rows that
+    reach PostgreSQL during the check were accepted by Redis before they could be written,
+    so Redis must not be found behind, and rebuilt mid-release, because of them."""
+    await _benefit(settings, redis, pool, 20, 20)
+    engine = ClaimEngine(redis, settings, pool=pool)
+    for i in range(5):
+        assert (await engine.claim(ClaimRequest("video", f"u{i}", "r", "iqiyi"))).accepted
+    await drain(ClaimWriter(redis, pool, fast(settings)))
+    async with pool.acquire() as writer_conn, writer_conn.transaction():
+        # The check's read of PostgreSQL waits behind this transaction.
+        await writer_conn.execute("LOCK TABLE claims IN ACCESS EXCLUSIVE MODE")
+        check = asyncio.create_task(Recovery(pool, redis, settings).behind())
+
+        async def waiting() -> bool:
+            return bool(
+                await writer_conn.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                )
+            )
+
+        for _ in range(200):
+            if await waiting() or check.done():
+                break
+            await asyncio.sleep(0.01)
+        # Meanwhile five more claims are accepted and persisted (as a writer would).
+        for i in range(5, 10):
+            assert (await engine.claim(ClaimRequest("video", f"u{i}", "r", "iqiyi"))).accepted
+        await writer_conn.execute(
+            """CREATE TEMP TABLE more ON COMMIT DROP AS SELECT * FROM claims;
+               UPDATE more SET claim_id = claim_id || 'x', request_id = request_id || 'x',
+                               user_id = user_id || 'x';
+               INSERT INTO claims SELECT * FROM more"""
+        )
+    assert await check == []
+    assert await pool.fetchval("SELECT count(*) FROM claims") == 10

@@ -78,6 +78,7 @@ class Settings:
     admin_max_body_bytes: int = 16 * 1024 * 1024
     batch_max: int = 256
     max_in_flight: int = 1024  # claims awaiting a decision per worker; past it 503 at once
+    shed_lag_ms: int = 200  # event-loop lag past which new claims get 503 at once (0: never)
     rate_member_per_s: float = 10.0  # claims a member may send per second (0: no limit)
     rate_member_burst: float = 20.0
     rate_ip_per_s: float = 0.0  # per client address (0: no limit; NATs share addresses)
@@ -140,6 +141,8 @@ class Settings:
             raise ConfigError("batch sizes must be at least 1")
         if self.max_in_flight < 1:
             raise ConfigError("CLAIM_MAX_IN_FLIGHT must be at least 1")
+        if not 0 <= self.shed_lag_ms <= 60_000:
+            raise ConfigError("CLAIM_SHED_LAG_MS must be in [0, 60000] (0: never shed)")
         for name in ("rate_member_per_s", "rate_member_burst", "rate_ip_per_s", "rate_ip_burst"):
             if not 0 <= getattr(self, name) <= 1_000_000:
                 raise ConfigError(f"CLAIM_{name.upper()} must be in [0, 1000000]")

@@ -103,7 +103,7 @@ async def post_claim(request: web.Request) -> web.Response:
     limits = request.app[LIMITS]
     if limits.full:
         metrics.CLAIMS_SHED.labels("overloaded").inc()
-        return error_response(503, "overloaded", "too many claims in flight here; retry shortly")
+        return error_response(503, "overloaded", "too many claims waiting here; retry shortly")
     if limits.addresses.enabled:
         wait = limits.addresses.take(request.remote or "")
         if wait:

@@ -62,10 +62,12 @@ def create_app(
         stop_watch = asyncio.Event()
         watch = asyncio.create_task(Recovery(pg, redis, settings).watch(stop_watch))
         gate = asyncio.create_task(app[ENGINE].gate.run(stop_watch))
+        lag = asyncio.create_task(app[LIMITS].watch_lag(stop_watch))
         yield
         stop_watch.set()
         await watch
         await gate
+        await lag
         await app[ENGINE].drain()
         if pools is None:
             await pg.close()

@@ -5,6 +5,7 @@ own command counts), and that the service reopens when stock comes back."""
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -244,3 +245,28 @@ async def test_claims_past_the_in_flight_bound_get_503_at_once(
         limits.in_flight = 1
         assert (await claim(client, settings, "u0", "r"))[0] == 202
         assert limits.in_flight == 1, "a decided claim leaves the count as it found it"
+
+
+def hold_the_cpu(seconds: float) -> None:
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        pass
+
+
+async def test_a_lagging_loop_sheds_new_claims_with_503(
+    settings: Settings, redis: Redis, pool: asyncpg.Pool
+) -> None:
+    async with await with_limits(settings, redis, pool, shed_lag_ms=100) as client:
+        await setup(client, settings, stock=10, tiers={f"u{i}": 5 for i in range(4)})
+        limits = client.app[LIMITS]
+        hold_the_cpu(0.3)  # the worker busy answering others: its timers fire late
+        await asyncio.sleep(0.05)
+        assert limits.full
+        status, body = await claim(client, settings, "u0", "r")
+        assert (status, body["error"]) == (503, "overloaded"), body
+
+        async def caught_up() -> bool:
+            return not limits.full
+
+        await wait_for(caught_up, within=5)
+        assert (await claim(client, settings, "u0", "r"))[0] == 202

@@ -78,7 +78,7 @@ class Settings:
     admin_max_body_bytes: int = 16 * 1024 * 1024
     batch_max: int = 256
     max_in_flight: int = 1024  # claims awaiting a decision per worker; past it 503 at once
-    shed_lag_ms: int = 200  # event-loop lag past which new claims get 503 at once (0: never)
+    shed_lag_ms: int = 500  # event-loop lag past which new claims get 503 at once (0: never)
     rate_member_per_s: float = 10.0  # claims a member may send per second (0: no limit)
     rate_member_burst: float = 20.0
     rate_ip_per_s: float = 0.0  # per client address (0: no limit; NATs share addresses)

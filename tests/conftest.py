@@ -52,7 +52,9 @@ def settings(server_urls: tuple[str, str]) -> Settings:
             await conn.close()
 
     asyncio.run(apply())
-    return Settings.from_env({}, redis_url=redis_url, database_url=database_url)
+    # In-process tests run client and server on one event loop: its lag measures the test,
+    # not a worker's backlog, so loop-lag shedding is off there (its own tests turn it on).
+    return Settings.from_env({}, redis_url=redis_url, database_url=database_url, shed_lag_ms=0)
 
 
 @pytest.fixture

@@ -57,7 +57,6 @@ async def test_drill_api_worker_killed_mid_burst(
     assert report.failures == {}, report.line()
     assert client.record.unanswered == 0
     assert report.acknowledged == size.stock, "the burst sold out"
-    assert client.record.statuses()[0] > 0, "some requests were cut off by the kill"
 
 
 async def test_drill_writer_killed_mid_batch_and_restarted(

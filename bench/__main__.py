@@ -29,6 +29,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quick", action="store_true", help="fewer claims (a smoke run)")
     p.add_argument("--output", type=Path, help="report path")
+    p = sub.add_parser(
+        "peak",
+        help="release-time load: the service against baselines, a release, overload",
+    )
+    p.add_argument("--quick", action="store_true", help="small numbers (a smoke run)")
+    p.add_argument(
+        "--record",
+        action="store_true",
+        help="also write bench/results/peak.md and bench/results/peak/*.png",
+    )
+    p.add_argument("--output", type=Path, help="run folder (default bench/runs/<time>/, untracked)")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy flame graph of serve during the 1-worker claim scenario (run folder)",
+    )
+    p.add_argument(
+        "--keep-records",
+        action="store_true",
+        help="keep the load generator's raw records (*.bin) in the run folder",
+    )
     return parser
 
 
@@ -45,6 +66,16 @@ def main(argv: list[str] | None = None) -> int:
 
         name = "voucher_latency.quick.md" if args.quick else "voucher_latency.md"
         return voucher_latency.main(quick=args.quick, output=args.output or RESULTS_DIR / name)
+    if args.benchmark == "peak":
+        from bench import peak
+
+        return peak.main(
+            quick=args.quick,
+            record=args.record,
+            output=args.output,
+            keep_records=args.keep_records,
+            profile=args.profile,
+        )
     raise AssertionError(args.benchmark)
 
 

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -36,7 +38,15 @@ from claim_service.config import Settings
 from claim_service.domain import periods
 from claim_service.store.connections import create_redis
 from claim_service.store.reconcile import Reconciler
-from tests.helpers import Listeners, admin, benefit_body, direct, member_token
+from tests.helpers import (
+    Listeners,
+    admin,
+    benefit_body,
+    direct,
+    member_token,
+    spawn_serve,
+    wait_ready,
+)
 
 BENEFIT = "video"
 OPTION = "iqiyi"
@@ -103,6 +113,24 @@ async def open_benefit(
         f"{ports.admin}/admin/v1/tiers/{period}", headers=admin(settings), json=tiers
     ) as resp:
         assert resp.status == 200, await resp.text()
+
+
+async def serve_release(
+    settings: Settings,
+    log: Path,
+    procs: list[subprocess.Popen[bytes]],
+    *args: str,
+    **env: str,
+) -> tuple[subprocess.Popen[bytes], Listeners]:
+    """``serve`` (with ``args`` and ``env``) started and ready, benefit ``video`` open on it at
+    the drill's scale."""
+    size = scale()
+    serve, ports = spawn_serve(settings, log, *args, **env)
+    procs.append(serve)
+    async with aiohttp.ClientSession() as http:
+        await wait_ready(http, ports.base, ports.admin)
+        await open_benefit(http, ports, settings, stock=size.stock, members=size.members)
+    return serve, ports
 
 
 def claims_of(members: int, second_after: int = 50) -> Iterator[tuple[str, str]]:

@@ -26,7 +26,6 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
-import aiohttp
 import asyncpg
 import pytest
 import redis
@@ -38,11 +37,11 @@ from tests.drills.harness import (
     audit,
     claims_of,
     drained,
-    open_benefit,
     scale,
+    serve_release,
     until,
 )
-from tests.helpers import spawn, spawn_serve, wait_ready
+from tests.helpers import spawn
 
 FROZEN_S = 1.0  # how long the replicas fall behind before the master dies
 
@@ -71,12 +70,9 @@ async def test_drill_failover_to_replicas_behind(
         "CLAIM_REDIS_TIMEOUT_MS": "1000",
         "CLAIM_WRITER_CLAIM_IDLE_MS": "1000",
     }
-    serve, ports = spawn_serve(local, tmp_path / "serve.log", **env)
     writer = spawn(local, ["writer", "--name", "w1"], tmp_path / "writer.log", **env)
-    procs += [serve, writer]
-    async with aiohttp.ClientSession() as http:
-        await wait_ready(http, ports.base, ports.admin)
-        await open_benefit(http, ports, local, stock=size.stock, members=size.members)
+    procs.append(writer)
+    _, ports = await serve_release(local, tmp_path / "serve.log", procs, **env)
     client = RecordingClient(ports.base, local, retry_pause_s=0.1)
     burst = asyncio.create_task(client.burst(list(claims_of(size.members)), size.concurrency))
     await client.acknowledged_at_least(size.stock // 5)

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
-import aiohttp
 import asyncpg
 import pytest
 
@@ -19,8 +18,7 @@ from claim_service.config import Settings
 from claim_service.local.embedded import EmbeddedPostgres, EmbeddedValkey
 from claim_service.store.connections import create_pg_pool
 from claim_service.store.migrations import migrate
-from tests.drills.harness import RecordingClient, audit, claims_of, drained, open_benefit, scale
-from tests.helpers import spawn_serve, wait_ready
+from tests.drills.harness import RecordingClient, audit, claims_of, drained, scale, serve_release
 
 
 @pytest.fixture
@@ -46,11 +44,7 @@ async def test_drill_postgres_down_mid_burst(
         await conn.close()
     local = replace(settings, redis_url=valkey.url, database_url=postgres.url)
     env = {"CLAIM_DURABILITY": "local"}
-    serve, ports = spawn_serve(local, tmp_path / "serve.log", "--writer", **env)
-    procs.append(serve)
-    async with aiohttp.ClientSession() as http:
-        await wait_ready(http, ports.base, ports.admin)
-        await open_benefit(http, ports, local, stock=size.stock, members=size.members)
+    _, ports = await serve_release(local, tmp_path / "serve.log", procs, "--writer", **env)
     client = RecordingClient(ports.base, local)
     burst = asyncio.create_task(client.burst(list(claims_of(size.members)), size.concurrency))
     await client.acknowledged_at_least(size.stock // 5)

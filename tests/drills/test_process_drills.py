@@ -15,8 +15,8 @@ import asyncpg
 
 from claim_service.config import Settings
 from claim_service.local.embedded import EmbeddedValkey
-from tests.drills.harness import RecordingClient, audit, claims_of, drained, open_benefit, scale
-from tests.helpers import spawn, spawn_serve, wait_for, wait_ready, workers_of
+from tests.drills.harness import RecordingClient, audit, claims_of, drained, scale, serve_release
+from tests.helpers import spawn, wait_for, workers_of
 
 DURABLE = {"CLAIM_DURABILITY": "local", "CLAIM_WRITER_CLAIM_IDLE_MS": "1000"}
 
@@ -30,13 +30,8 @@ async def test_drill_api_worker_killed_mid_burst(
 ) -> None:
     size = scale()
     local = replace(settings, redis_url=valkey.url)
-    serve, ports = spawn_serve(
-        local, tmp_path / "serve.log", "--workers", "2", "--writer", **DURABLE
-    )
-    procs.append(serve)
-    async with aiohttp.ClientSession() as http:
-        await wait_ready(http, ports.base, ports.admin)
-        await open_benefit(http, ports, local, stock=size.stock, members=size.members)
+    log = tmp_path / "serve.log"
+    serve, ports = await serve_release(local, log, procs, "--workers", "2", "--writer", **DURABLE)
     client = RecordingClient(ports.base, local)
     burst = asyncio.create_task(client.burst(list(claims_of(size.members)), size.concurrency))
     await client.acknowledged_at_least(size.stock // 4)
@@ -68,14 +63,10 @@ async def test_drill_writer_killed_mid_batch_and_restarted(
 ) -> None:
     size = scale()
     local = replace(settings, redis_url=valkey.url)
-    serve, ports = spawn_serve(local, tmp_path / "serve.log", **DURABLE)
-    procs.append(serve)
     writer_env = {**DURABLE, "CLAIM_WRITER_BATCH": "50"}
     writer = spawn(local, ["writer", "--name", "w1"], tmp_path / "writer.log", **writer_env)
     procs.append(writer)
-    async with aiohttp.ClientSession() as http:
-        await wait_ready(http, ports.base, ports.admin)
-        await open_benefit(http, ports, local, stock=size.stock, members=size.members)
+    _, ports = await serve_release(local, tmp_path / "serve.log", procs, **DURABLE)
     client = RecordingClient(ports.base, local)
     # The writer at work first: one claim persisted before the burst.
     async with aiohttp.ClientSession() as http:

@@ -13,13 +13,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import aiohttp
 import asyncpg
 
 from claim_service.config import Settings
 from claim_service.local.embedded import EmbeddedValkey
-from tests.drills.harness import RecordingClient, audit, claims_of, drained, open_benefit, scale
-from tests.helpers import spawn_serve, wait_ready
+from tests.drills.harness import RecordingClient, audit, claims_of, drained, scale, serve_release
 
 REDIS_TIMEOUT_MS = 500
 ENV = {
@@ -33,13 +31,8 @@ ENV = {
 async def start(
     settings: Settings, valkey: EmbeddedValkey, procs: list[subprocess.Popen[bytes]], log: Path
 ) -> tuple[Settings, RecordingClient]:
-    size = scale()
     local = replace(settings, redis_url=valkey.url)
-    serve, ports = spawn_serve(local, log, "--writer", **ENV)
-    procs.append(serve)
-    async with aiohttp.ClientSession() as http:
-        await wait_ready(http, ports.base, ports.admin)
-        await open_benefit(http, ports, local, stock=size.stock, members=size.members)
+    _, ports = await serve_release(local, log, procs, "--writer", **ENV)
     return local, RecordingClient(ports.base, local, retry_pause_s=0.1)
 
 

@@ -47,9 +47,11 @@ OPENING_GUARD_MS = 100
 SCAN_COUNT = 2_000
 MAX_TIERS = 500_000  # members' tiers remembered per worker (all forgotten beyond)
 RESUBSCRIBE_S = 1.0
-# Codes that read the member's tier from the period's snapshot (``dup`` reports the tier of
-# the original claim; the window and pause codes read none).
-TIER_READ = frozenset({"ok", "tier", "quota", "sold_out", "option_sold_out", "unknown_option"})
+# Refusals that read the member's tier from the period's snapshot (``dup`` reports the tier of
+# the original claim; the window and pause codes read none). An accepted member's tier is not
+# kept: holding a claim, they always go to Redis, so remembering it would only cost the
+# selling phase a dictionary write per claim.
+TIER_READ = frozenset({"tier", "quota", "sold_out", "option_sold_out", "unknown_option"})
 
 
 @dataclass

@@ -248,11 +248,10 @@ class RecordingClient:
             await asyncio.gather(*(member_after_member() for _ in range(concurrency)))
 
     async def acknowledged_at_least(self, n: int, within: float = 60.0) -> None:
-        await until(lambda: _true(len(self.record.acks) >= n), within, "acknowledgements")
+        async def enough() -> bool:
+            return len(self.record.acks) >= n
 
-
-async def _true(value: bool) -> bool:
-    return value
+        await until(enough, within, "acknowledgements")
 
 
 async def until(check: Callable[[], Awaitable[bool]], within: float, what: str) -> None:

@@ -101,6 +101,7 @@ class Settings:
     log_format: str = "text"
     log_level: str = "INFO"
     reconcile_every_s: float = 60.0  # writers compare Redis with the truth; 0: never
+    points_expire_every_s: float = 60.0  # writers write off expired points lots; 0: never
 
     @property
     def tz(self) -> ZoneInfo:
@@ -151,6 +152,10 @@ class Settings:
             raise ConfigError("CLAIM_LOG_FORMAT must be 'text' or 'json'")
         if not 0 <= self.reconcile_every_s <= 86_400:
             raise ConfigError("CLAIM_RECONCILE_EVERY_S must be 0 (never) or seconds up to 86400")
+        if not 0 <= self.points_expire_every_s <= 86_400:
+            raise ConfigError(
+                "CLAIM_POINTS_EXPIRE_EVERY_S must be 0 (never) or seconds up to 86400"
+            )
         self._validate_redis()
 
     def _validate_redis(self) -> None:

@@ -15,6 +15,9 @@
 -- KEYS[9]  codexp  zset  <option_id>|<expiry_ms> scored by expiry_ms
 -- KEYS[10] live    the run id of the server whose counters recovery verified
 -- KEYS[11] idem of the previous period (a retry across a period boundary), or KEYS[4]
+-- KEYS[12] points  hash  <user_id> = the member's points lots, "lot:remaining:expiry_ms,..."
+--                        first expiring first (expiry 0: never; see points.lua)
+-- KEYS[13] points live   the run id of the server whose points mirror recovery verified
 --
 -- ARGV[1] config version the caller's copy of the benefit was built from
 -- ARGV[2] period "YYYY-MM"   ARGV[3], ARGV[4] the period's bounds in unix ms [start, end)
@@ -24,23 +27,32 @@
 -- then n groups of 5: user_id, request_id, option_id, new claim_id, account
 --
 -- The server's own clock (TIME) decides: the period, the window and created_at.
--- Returns {"unverified"}, {"missing"}, {"stale", version} or {"period", now_ms} for the whole
--- batch, otherwise {"decided", now_ms} followed by 6 values per claim: code, claim_id,
--- option_id, stock_left, tier, extra, where code is one of ok | dup | paused | not_open |
--- closed | unknown_option | tier | quota | sold_out | option_sold_out, and extra is
--- created_ms for ok/dup and the member's used count for quota.
+-- Returns {"unverified"}, {"points_unverified"}, {"missing"}, {"stale", version} or
+-- {"period", now_ms} for the whole batch, otherwise {"decided", now_ms} followed by 6 values
+-- per claim: code, claim_id, option_id, stock_left, tier, extra, where code is one of ok |
+-- dup | paused | not_open | closed | unknown_option | tier | quota | sold_out |
+-- option_sold_out | points, and extra is created_ms for ok/dup, the member's used count for
+-- quota and the member's spendable points for points.
+--
+-- An option priced in points (cfg pts:<option_id>) takes them from the member's lots in the
+-- same step, first expiring first, never from a lot expired by the server's clock; the
+-- stream entry carries the price (pp) and the lots taken ("lot:amount:expiry_ms,...", pl).
 
 local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
 if redis.call('GET', KEYS[10]) ~= run_id then
   return {'unverified'}
 end
 local cfg = redis.call('HMGET', KEYS[1], 'version', 'paused', 'min_tier', 'stock', 'quota',
-  'benefit_id')
+  'benefit_id', 'priced')
 if not cfg[1] then
   return {'missing'}
 end
 if cfg[1] ~= ARGV[1] then
   return {'stale', cfg[1]}
+end
+local priced = cfg[7] == '1'
+if priced and redis.call('GET', KEYS[13]) ~= run_id then
+  return {'points_unverified'}
 end
 
 local clock = redis.call('TIME')
@@ -126,9 +138,50 @@ local function take_code(field, expiry)
   end
 end
 
+-- Points: a member's lots, parsed; the unexpired ones spendable, first expiring first.
+local function parse_lots(raw)
+  local lots = {}
+  for id, left, exp in string.gmatch(raw or '', '(%d+):(%d+):(%d+)') do
+    lots[#lots + 1] = {id, tonumber(left), tonumber(exp)}
+  end
+  return lots
+end
+local function spendable(lot)
+  return lot[3] == 0 or lot[3] > now_ms
+end
+local function points_of(lots)
+  local total = 0
+  for _, lot in ipairs(lots) do
+    if spendable(lot) then
+      total = total + lot[2]
+    end
+  end
+  return total
+end
+-- Take price points first expiring first; write the lots back without the expired ones.
+local function take_points(user, lots, price)
+  local taken = {}
+  local kept = {}
+  local need = price
+  for _, lot in ipairs(lots) do
+    if spendable(lot) then
+      if need > 0 and lot[2] > 0 then
+        local take = math.min(need, lot[2])
+        lot[2] = lot[2] - take
+        need = need - take
+        taken[#taken + 1] = lot[1] .. ':' .. take .. ':' .. lot[3]
+      end
+      kept[#kept + 1] = lot[1] .. ':' .. lot[2] .. ':' .. lot[3]
+    end
+  end
+  redis.call('HSET', KEYS[12], user, table.concat(kept, ','))
+  return table.concat(taken, ',')
+end
+
 local option_caps = {}
 local option_taken = {}
 local option_card = {}
+local option_price = {}
 local out = {'decided', now_ms}
 local accepted = 0
 
@@ -166,6 +219,8 @@ for i = 0, n - 1 do
         option_taken[option_id] = tonumber(redis.call('HGET', KEYS[2], 'taken:' .. option_id)
           or '0')
         option_card[option_id] = redis.call('HEXISTS', KEYS[1], 'card:' .. option_id) == 1
+        option_price[option_id] = priced
+          and tonumber(redis.call('HGET', KEYS[1], 'pts:' .. option_id) or '0') or 0
       end
     end
     tier = tonumber(redis.call('HGET', KEYS[6], user) or '0')
@@ -188,7 +243,19 @@ for i = 0, n - 1 do
           code = 'option_sold_out'
         end
       end
+      local price, lots = option_price[option_id], nil
+      if code == nil and price > 0 then
+        lots = parse_lots(redis.call('HGET', KEYS[12], user))
+        local balance = points_of(lots)
+        if balance < price then
+          code, extra = 'points', balance
+        end
+      end
       if code == nil then
+        local paid = ''
+        if price > 0 then
+          paid = take_points(user, lots, price)
+        end
         if code_field ~= nil then
           take_code(code_field, code_expiry)
         else
@@ -203,9 +270,16 @@ for i = 0, n - 1 do
         redis.call('HINCRBY', KEYS[3], user, 1)
         redis.call('HSET', KEYS[4], idem_field,
           claim_id .. '|' .. option_id .. '|' .. tier .. '|' .. now_ms)
-        local entry = redis.call('XADD', KEYS[5], '*', 'c', claim_id, 'r', request_id,
-          'u', user, 'b', benefit_id, 'o', option_id, 'p', period, 't', tier, 'a', account,
-          'ts', now_ms, 'x', code_expiry)
+        local entry
+        if price > 0 then
+          entry = redis.call('XADD', KEYS[5], '*', 'c', claim_id, 'r', request_id,
+            'u', user, 'b', benefit_id, 'o', option_id, 'p', period, 't', tier, 'a', account,
+            'ts', now_ms, 'x', code_expiry, 'pp', price, 'pl', paid)
+        else
+          entry = redis.call('XADD', KEYS[5], '*', 'c', claim_id, 'r', request_id,
+            'u', user, 'b', benefit_id, 'o', option_id, 'p', period, 't', tier, 'a', account,
+            'ts', now_ms, 'x', code_expiry)
+        end
         redis.call('HSET', KEYS[7], claim_id, entry)
         accepted = accepted + 1
         code, extra = 'ok', now_ms

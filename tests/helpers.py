@@ -134,7 +134,8 @@ def benefit_body(
 
 TABLES = (
     "anomalies, claims, claim_events, voucher_codes, partners, tiers, stock_additions, "
-    "benefit_options, benefits"
+    "benefit_options, benefits, zones, points_rules, points_allocations, points_lots, "
+    "points_entries"
 )
 
 

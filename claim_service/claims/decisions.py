@@ -24,7 +24,8 @@ class ClaimDecision:
 
     ``code`` is ``ok`` (accepted now), ``dup`` (the same request accepted earlier) or a
     rejection: ``paused``, ``not_open``, ``closed``, ``unknown_option``, ``tier``, ``quota``,
-    ``sold_out``, ``option_sold_out``.
+    ``sold_out``, ``option_sold_out``, ``points`` (the member cannot spend ``price`` points:
+    ``balance`` is what they can spend).
     """
 
     code: str
@@ -38,6 +39,8 @@ class ClaimDecision:
     used: int = 0
     quota: int = 0
     opens_at: datetime | None = None
+    balance: int = 0
+    price: int = 0
     local: bool = False  # answered by the gate when submitted, ahead of any batch in flight
 
     @property

@@ -252,6 +252,12 @@ class ClaimEngine:
             self.batches += 1
             self.batched_claims += len(batch)
             head = text(raw[0])
+            if head == "points_unverified":  # the points mirror is not verified on this server
+                if self.recovery is None or recovered:
+                    raise BackendUnavailable("the points mirror is being recovered; retry")
+                recovered = True
+                await self.recovery.ensure_points()
+                continue
             if head == "unverified":
                 if self.recovery is None or recovered:
                     raise BackendUnavailable("the benefit's counters are being recovered; retry")
@@ -323,6 +329,8 @@ class ClaimEngine:
             created_at=created,
             used=extra if code == "quota" else 0,
             quota=benefit.quota_for(tier),
+            balance=extra if code == "points" else 0,
+            price=benefit.price_of(option_id),
             opens_at=opens_at,
         )
 

@@ -51,7 +51,7 @@ RESUBSCRIBE_S = 1.0
 # the original claim; the window and pause codes read none). An accepted member's tier is not
 # kept: holding a claim, they always go to Redis, so remembering it would only cost the
 # selling phase a dictionary write per claim.
-TIER_READ = frozenset({"tier", "quota", "sold_out", "option_sold_out", "unknown_option"})
+TIER_READ = frozenset({"tier", "quota", "sold_out", "option_sold_out", "unknown_option", "points"})
 
 
 @dataclass

@@ -27,6 +27,7 @@ import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from claim_service.claims.persist import CONFLICTS_SQL, claim_row, insert_claims
 from claim_service.config import Settings, instance_name
 from claim_service.errors import BackendUnavailable
 from claim_service.store.anomalies import REQUEST_CONFLICT, record_anomaly
@@ -41,6 +42,7 @@ from claim_service.store.keyspace import (
     benefit_id_from_stream,
     text,
 )
+from claim_service.store.points_ledger import expire_due
 from claim_service.store.reconcile import Reconciler
 from claim_service.store.stock_events import announce
 
@@ -49,35 +51,6 @@ log = logging.getLogger(__name__)
 STREAM_REFRESH_S = 2.0
 RECLAIM_EVERY_S = 1.0
 RETRY_BACKOFF_MAX_S = 5.0
-FIELDS = ("c", "r", "u", "b", "o", "p", "t", "a", "ts")  # plus "x": a card-key code bucket
-
-# One statement: the rows and their first event, both only for entries not seen before. A
-# conflict on anything but claim_id (the member's request_id) fails the statement: those are
-# filtered out first (see ``_request_conflicts``), and a race with another writer retries.
-INSERT_SQL = """
-WITH inserted AS (
-    INSERT INTO claims (claim_id, request_id, user_id, benefit_id, option_id, period, tier,
-                        account, created_at, code_expiry_ms)
-    SELECT c, r, u, b, o, p, t, nullif(a, ''), to_timestamp(ts / 1000.0), x
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                $7::int[], $8::text[], $9::bigint[], $10::bigint[])
-         AS x(c, r, u, b, o, p, t, a, ts, x)
-    ON CONFLICT (claim_id) DO NOTHING
-    RETURNING claim_id, created_at
-)
-INSERT INTO claim_events (claim_id, from_status, to_status, reason, created_at)
-SELECT claim_id, NULL, 'accepted', 'claimed', created_at FROM inserted
-"""
-
-# Entries whose request the member already holds under another claim id.
-CONFLICTS_SQL = """
-SELECT x.c, k.claim_id AS original
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) AS x(c, r, u, b, p)
-JOIN claims k ON k.benefit_id = x.b AND k.period = x.p AND k.user_id = x.u
-             AND k.request_id = x.r
-WHERE k.claim_id <> x.c
-"""
-
 Entry = tuple[bytes, dict[bytes, bytes]]
 
 
@@ -116,17 +89,31 @@ class ClaimWriter:
 
     async def run(self, stop: asyncio.Event) -> None:
         log.info("writer %s started", self.consumer)
-        checks = None
+        checks = []
         if self.settings.reconcile_every_s > 0:  # drift is logged and exported, not repaired
             drift = Reconciler(self.pool, self.redis, self.settings)
-            checks = asyncio.create_task(drift.watch(stop, self.settings.reconcile_every_s))
+            checks.append(asyncio.create_task(drift.watch(stop, self.settings.reconcile_every_s)))
+        if self.settings.points_expire_every_s > 0:
+            checks.append(asyncio.create_task(self._expire_points(stop)))
         try:
             await self._run(stop)
         finally:
-            if checks is not None:
-                checks.cancel()
-                await asyncio.gather(checks, return_exceptions=True)
+            for check in checks:
+                check.cancel()
+            await asyncio.gather(*checks, return_exceptions=True)
         log.info("writer %s stopped: %s", self.consumer, self.stats)
+
+    async def _expire_points(self, stop: asyncio.Event) -> None:
+        """Write off expired points lots every ``points_expire_every_s``."""
+        while not stop.is_set():
+            try:
+                await expire_due(self.pool, self.redis)
+            except (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("points expiry failed (%s: %s)", type(exc).__name__, exc)
+            try:
+                await asyncio.wait_for(stop.wait(), self.settings.points_expire_every_s)
+            except TimeoutError:
+                pass
 
     async def _run(self, stop: asyncio.Event) -> None:
         backoff = 0.1
@@ -243,21 +230,11 @@ class ClaimWriter:
 
     async def write(self, stream: str, entries: list[Entry]) -> None:
         """Insert ``entries`` in one statement, then XACK, XDEL and clear the pending index."""
-        columns: list[list[Any]] = [[] for _ in range(len(FIELDS) + 1)]
         good: list[tuple[bytes, dict[bytes, bytes], list[Any]]] = []
         bad: list[tuple[Entry, str]] = []
         for entry_id, fields in entries:
-            try:
-                values = [fields[f.encode()].decode() for f in FIELDS]
-                expiry = fields.get(b"x", b"").decode()
-                row: list[Any] = [
-                    *values[:6],
-                    int(values[6]),
-                    values[7],
-                    int(values[8]),
-                    int(expiry) if expiry else None,
-                ]
-            except (KeyError, ValueError, UnicodeDecodeError):
+            row = claim_row(fields)
+            if row is None:
                 bad.append(((entry_id, fields), "malformed"))
                 continue
             good.append((entry_id, fields, row))
@@ -265,16 +242,12 @@ class ClaimWriter:
         kept = []
         for entry_id, fields, row in good:
             if row[0] in conflicts:
-                await self._give_back(row, conflicts[row[0]])
+                await self._give_back(row, fields, conflicts[row[0]])
                 bad.append(((entry_id, fields), "request_conflict"))
             else:
-                kept.append((entry_id, row))
-        for _, row in kept:
-            for column, value in zip(columns, row, strict=True):
-                column.append(value)
+                kept.append((entry_id, fields, row))
         if kept:
-            status = await self.pool.execute(INSERT_SQL, *columns)
-            inserted = int(status.split()[-1])
+            inserted = await insert_claims(self.pool, [(f, row) for _, f, row in kept])
             if inserted:
                 await self.pool.execute(f"NOTIFY {CLAIMS_WRITTEN_CHANNEL}")
             self.stats.inserted += inserted
@@ -292,10 +265,10 @@ class ClaimWriter:
                     )
                 dead = {b"stream": stream.encode(), b"why": why.encode(), **fields}
                 pipe.xadd(DEAD_LETTER_STREAM, dead)  # type: ignore[arg-type]
-            ids = [entry_id for entry_id, _ in kept] + [e[0] for e, _ in bad]
+            ids = [entry_id for entry_id, _, _ in kept] + [e[0] for e, _ in bad]
             pipe.xack(stream, WRITER_GROUP, *ids)
             pipe.xdel(stream, *ids)
-            claim_ids = [row[0] for _, row in kept] + [
+            claim_ids = [row[0] for _, _, row in kept] + [
                 e[1][b"c"].decode() for e, why in bad if why == "request_conflict"
             ]
             if claim_ids:
@@ -327,8 +300,9 @@ class ClaimWriter:
                 found.setdefault(row[0], earlier)
         return found
 
-    async def _give_back(self, row: list[Any], original: str) -> None:
-        """A claim that repeats a request takes nothing: its unit, quota and code go back."""
+    async def _give_back(self, row: list[Any], fields: dict[bytes, bytes], original: str) -> None:
+        """A claim that repeats a request takes nothing: its unit, quota, code and points go
+        back (the ledger never recorded its points: nothing to refund there)."""
         claim_id, request_id, user_id, benefit_id, option_id, period = row[:6]
         keys = BenefitKeys(benefit_id)
         done = await Scripts(self.redis).refund(
@@ -340,11 +314,12 @@ class ClaimWriter:
                 "0" if row[9] is None else "1",
                 PERIOD_KEY_TTL_S,
                 row[9] or 0,
+                fields.get(b"pl", b"").decode(),
             ],
         )
-        if int(done) < 0:  # counters being recovered: keep the entry and try again later
+        if int(done[0]) < 0:  # counters being recovered: keep the entry and try again later
             raise BackendUnavailable(f"benefit {benefit_id} is being recovered")
-        if int(done):
+        if int(done[0]):
             await announce(self.redis, benefit_id)
         self.stats.conflicts += 1
         await record_anomaly(

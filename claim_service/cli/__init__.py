@@ -12,8 +12,10 @@ from collections.abc import Callable
 
 from claim_service import __version__
 from claim_service.cli.commands import (
+    cmd_credit_points,
     cmd_demo,
     cmd_dev,
+    cmd_expire_points,
     cmd_fulfil,
     cmd_load_codes,
     cmd_load_tiers,
@@ -116,6 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--period", required=True, help="YYYY-MM")
     p.set_defaults(func=cmd_load_tiers)
+
+    p = sub.add_parser(
+        "credit-points", help="credit a period's points to its tier snapshot, once per member"
+    )
+    p.add_argument("--period", help="YYYY-MM (default: the current period)")
+    p.set_defaults(func=cmd_credit_points)
+
+    p = sub.add_parser("expire-points", help="write off points left in lots past their expiry")
+    p.set_defaults(func=cmd_expire_points)
 
     p = sub.add_parser("token", help="mint a dev member token (HS256, CLAIM_JWT_SECRET)")
     p.add_argument("user_id")

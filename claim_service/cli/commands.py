@@ -33,6 +33,9 @@ from claim_service.local.demo_report import DemoOptions
 from claim_service.local.embedded import EmbeddedServers
 from claim_service.store.connections import create_pg_pool
 from claim_service.store.migrations import migrate
+from claim_service.store.points_credit import CreditReport, credit_period
+from claim_service.store.points_ledger import expire_due
+from claim_service.store.points_mirror import ensure_points, points_drift
 from claim_service.store.reconcile import Reconciler
 from claim_service.store.recovery import Recovery
 from claim_service.store.tiers import check_user_id, load_tier_csv
@@ -105,7 +108,16 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
                     "(rebuilt before it decides a claim; --fix rebuilds it now)"
                 )
             left += len(check.drift)
-        summary = f"{len(benefits)} benefit(s) compared"
+        points = await points_drift(pool, redis)
+        for point_drift in points:
+            print(point_drift.describe())
+        if points and args.fix:
+            await ensure_points(pool, redis, force=True)
+            points = await points_drift(pool, redis)
+            print(f"points mirror rebuilt from the ledger; {len(points)} drift(s) left")
+        found += len(points)
+        left += len(points)
+        summary = f"{len(benefits)} benefit(s) and the points mirror compared"
         summary += f", {skipped} not live" if skipped else ""
         if not found:
             summary += ": no drift"
@@ -131,6 +143,48 @@ def cmd_load_tiers(settings: Settings, args: argparse.Namespace) -> int:
         total = await load_tier_csv(pool, redis, Path(args.file), args.period, progress)
         print(file=sys.stderr)
         print(f"loaded {total:,} tier rows for {args.period} in {time.monotonic() - started:.1f}s")
+        return 0
+
+    return run_async(with_pools(settings, body))
+
+
+def cmd_credit_points(settings: Settings, args: argparse.Namespace) -> int:
+    """Credit every eligible member of the period's tier snapshot, once (a re-run credits
+    nothing more); progress on stderr, a summary on stdout."""
+    period = args.period or periods.current_period(settings.tz)
+    periods.parse_period(period)
+
+    async def body(redis: Any, pool: Any) -> int:
+        started = time.monotonic()
+
+        def progress(report: CreditReport) -> None:
+            done = report.eligible
+            share = f"{min(done, report.members) / report.members:6.1%}" if report.members else ""
+            bar = "#" * int(30 * min(done, report.members) / max(report.members, 1))
+            print(
+                f"\r  [{bar:<30}] {share} {report.credited:,} credited, {report.already:,} already",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        report = await credit_period(pool, redis, period, settings.tz, progress)
+        print(file=sys.stderr)
+        print(
+            f"credited {report.points:,} point(s) to {report.credited:,} member(s) for {period} "
+            f"in {time.monotonic() - started:.1f}s; {report.already:,} credited before, "
+            f"{report.members - report.eligible:,} of {report.members:,} in the tier snapshot "
+            f"not eligible; {report.mirrored:,} lot(s) added to the Redis mirror"
+        )
+        return 0
+
+    return run_async(with_pools(settings, body))
+
+
+def cmd_expire_points(settings: Settings, args: argparse.Namespace) -> int:
+    async def body(redis: Any, pool: Any) -> int:
+        expired = await expire_due(pool, redis)
+        print(f"expired {expired:,} point(s) left in lots past their expiry")
         return 0
 
     return run_async(with_pools(settings, body))

@@ -28,6 +28,7 @@ MAX_TIER = 99
 MAX_STOCK = 1_000_000_000
 MAX_OPTIONS = 64
 MAX_QUOTA = 1000
+MAX_PRICE_POINTS = 1_000_000
 
 
 class ConflictingFields(ValidationError):
@@ -82,6 +83,7 @@ class Option:
     partner: str | None = None
     sku: str | None = None
     stock_cap: int | None = None
+    price_points: int | None = None  # None: the benefit's price
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -91,6 +93,7 @@ class Option:
             "partner": self.partner,
             "sku": self.sku,
             "stock_cap": self.stock_cap,
+            "price_points": self.price_points,
         }
 
 
@@ -167,6 +170,8 @@ class Benefit:
     paused: bool = False
     version: int = 0
     on_failure: str = "refund"
+    zone: str | None = None
+    price_points: int = 0  # points a claim costs (0: free); an option may set its own
 
     def option(self, option_id: str) -> Option | None:
         for option in self.options:
@@ -184,10 +189,24 @@ class Benefit:
                 allowed = step.per_period
         return allowed
 
+    def price_of(self, option_id: str) -> int:
+        """Points a claim of ``option_id`` costs (0: free)."""
+        option = self.option(option_id)
+        if option is not None and option.price_points is not None:
+            return option.price_points
+        return self.price_points
+
+    @property
+    def priced(self) -> bool:
+        """Whether any option costs points."""
+        return any(self.price_of(o.option_id) > 0 for o in self.options)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "benefit_id": self.benefit_id,
             "name": self.name,
+            "zone": self.zone,
+            "price_points": self.price_points,
             "min_tier": self.min_tier,
             "quota": [{"min_tier": s.min_tier, "per_period": s.per_period} for s in self.quota],
             "stock_per_period": self.stock_per_period,
@@ -304,7 +323,10 @@ def parse_option(data: Any, index: int = 0) -> Option:
     if cap is not None:
         cap = _int(data, "stock_cap", 0, MAX_STOCK, where + ".")
     name = _str(data, "name", 200, where + ".") or option_id
-    return Option(option_id, name, kind, partner, sku, cap)
+    price = data.get("price_points")
+    if price is not None:
+        price = _int(data, "price_points", 0, MAX_PRICE_POINTS, where + ".")
+    return Option(option_id, name, kind, partner, sku, cap, price)
 
 
 def parse_benefit(benefit_id: str, data: Any, tz: ZoneInfo, version: int = 0) -> Benefit:
@@ -325,6 +347,12 @@ def parse_benefit(benefit_id: str, data: Any, tz: ZoneInfo, version: int = 0) ->
     on_failure = data.get("on_failure", "refund")
     if on_failure not in ON_FAILURE:
         raise ValidationError("on_failure must be 'refund' or 'hold'", field="on_failure")
+    zone = data.get("zone")
+    if zone is not None:
+        zone = check_id(zone, "zone")
+    price = 0
+    if data.get("price_points") is not None:
+        price = _int(data, "price_points", 0, MAX_PRICE_POINTS)
     return Benefit(
         benefit_id=benefit_id,
         name=_str(data, "name", 200) or benefit_id,
@@ -336,4 +364,6 @@ def parse_benefit(benefit_id: str, data: Any, tz: ZoneInfo, version: int = 0) ->
         paused=paused,
         version=version,
         on_failure=on_failure,
+        zone=zone,
+        price_points=price,
     )

@@ -1,10 +1,14 @@
-"""Compensation: a failed claim gives its stock unit and the member's quota back, once.
+"""Compensation: a failed claim gives its stock unit, the member's quota and the points it
+cost back, once.
 
 The Redis side (``refund.lua``) is guarded by a per-period set of refunded claim ids and the
 PostgreSQL side by the ``failed -> refunded`` transition, taken while the claim row is locked;
 a crash between the two is finished by the next sweep without a second refund. While a
 benefit's counters are being recovered the refund waits (the claim stays ``failed`` and the
-next sweep refunds it), so recovery never races a refund.
+next sweep refunds it), so recovery never races a refund. The points go back to the lots
+they came from: in Redis in the same ``refund.lua`` step, in the ledger as a ``refund``
+entry (reference ``refund:<claim_id>``) in the transaction that marks the claim refunded;
+points whose lot expired meanwhile are written off at once (an ``expire`` entry).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from claim_service.domain.lifecycle import ACCEPTED, FAILED, REFUNDED
 from claim_service.errors import BackendUnavailable, ConflictError, NotFoundError
 from claim_service.metrics import REFUNDS
 from claim_service.store.claim_states import transition
-from claim_service.store.keyspace import PERIOD_KEY_TTL_S, BenefitKeys, Scripts
+from claim_service.store.keyspace import PERIOD_KEY_TTL_S, BenefitKeys, Scripts, text
+from claim_service.store.points_ledger import claim_taken, record_refund
 from claim_service.store.stock_events import announce
 
 log = logging.getLogger(__name__)
@@ -43,8 +48,9 @@ class _Recovering(Exception):
     """The benefit's counters are being recovered: the refund must wait."""
 
 
-async def _refund_in_redis(redis: Redis, row: asyncpg.Record) -> bool:
-    """True when this call returned the unit, False when it had been returned before."""
+async def _refund_in_redis(redis: Redis, row: asyncpg.Record, points: str) -> tuple[bool, str]:
+    """Whether this call returned the unit (False: it had been returned before), and the
+    points it could not return because their lot had expired (``lot:amount,...``)."""
     keys = BenefitKeys(row["benefit_id"])
     # The reserved code goes back to the pool unless there was none to reserve.
     give_code = (
@@ -52,24 +58,24 @@ async def _refund_in_redis(redis: Redis, row: asyncpg.Record) -> bool:
         and row["code_id"] is None
         and (row["failure_reason"] != "no_code")
     )
-    done = int(
-        await Scripts(redis).refund(
-            keys=keys.refund_keys(row["period"]),
-            args=[
-                row["claim_id"],
-                row["user_id"],
-                row["option_id"],
-                "1" if give_code else "0",
-                PERIOD_KEY_TTL_S,
-                row["code_expiry_ms"] or 0,
-            ],
-        )
+    reply = await Scripts(redis).refund(
+        keys=keys.refund_keys(row["period"]),
+        args=[
+            row["claim_id"],
+            row["user_id"],
+            row["option_id"],
+            "1" if give_code else "0",
+            PERIOD_KEY_TTL_S,
+            row["code_expiry_ms"] or 0,
+            points,
+        ],
     )
+    done = int(reply[0])
     if done < 0:
         raise _Recovering
     if done:
         await announce(redis, row["benefit_id"])
-    return bool(done)
+    return bool(done), text(reply[1])
 
 
 async def refund(pool: asyncpg.Pool, redis: Redis, claim_id: str) -> bool:
@@ -80,7 +86,8 @@ async def refund(pool: asyncpg.Pool, redis: Redis, claim_id: str) -> bool:
             row = await _locked_claim(conn, claim_id)
             if row is None or row["status"] != FAILED:
                 return False
-            fresh = await _refund_in_redis(redis, row)
+            fresh, dropped = await _refund_in_redis(redis, row, await claim_taken(conn, claim_id))
+            await record_refund(conn, claim_id, dropped)
             await transition(
                 conn,
                 claim_id,

@@ -53,6 +53,7 @@ REJECTIONS = {
     "quota": (409, "quota_exceeded"),
     "sold_out": (410, "sold_out"),
     "option_sold_out": (410, "sold_out"),
+    "points": (402, "insufficient_points"),
 }
 
 
@@ -210,6 +211,11 @@ def _decision_response(decision: ClaimDecision, tz: ZoneInfo) -> web.Response:
         extra["quota"] = {"used": decision.used, "allowed": decision.quota}
     elif decision.code == "option_sold_out":
         message = f"option {decision.option_id!r} is sold out"
+        extra["option_id"] = decision.option_id
+    elif decision.code == "points":
+        message = f"this costs {decision.price} point(s); you can spend {decision.balance}"
+        extra["balance"] = decision.balance
+        extra["price"] = decision.price
         extra["option_id"] = decision.option_id
     elif decision.code == "unknown_option":
         message = f"benefit has no option {decision.option_id!r}"

@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 from claim_service.claims.engine import ClaimEngine
 from claim_service.config import Settings
 from claim_service.fulfilment.vault import Vault
-from claim_service.http import admin, member, partner
+from claim_service.http import admin, member, partner, points
 from claim_service.http.app import (
     ENGINE,
     HANDLER_ARGS,
@@ -75,6 +75,7 @@ def create_app(
 
     app.cleanup_ctx.append(resources)
     member.add_routes(app)
+    points.add_routes(app)
     partner.add_routes(app)
     return app
 
@@ -104,6 +105,7 @@ def create_admin_app(settings: Settings, member_app: web.Application) -> web.App
     app.cleanup_ctx.append(shared)
     admin.add_routes(app)
     partner.add_admin_routes(app)
+    points.add_admin_routes(app)
     member.add_ops_routes(app)
     return app
 

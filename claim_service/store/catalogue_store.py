@@ -40,6 +40,11 @@ def config_fields(benefit: Benefit) -> dict[str, str | int]:
         fields["opt:" + option.option_id] = -1 if option.stock_cap is None else option.stock_cap
         if option.kind == "card_key":
             fields["card:" + option.option_id] = 1
+        price = benefit.price_of(option.option_id)
+        if price > 0:
+            fields["pts:" + option.option_id] = price
+    if benefit.priced:
+        fields["priced"] = 1
     return fields
 
 
@@ -70,13 +75,14 @@ async def save_benefit(pool: asyncpg.Pool, benefit: Benefit) -> Benefit:
     async with pool.acquire() as conn, conn.transaction():
         version = await conn.fetchval(
             """INSERT INTO benefits (benefit_id, name, min_tier, quota, stock_per_period,
-                                     release, paused, on_failure)
-               VALUES ($1, $2, $3, $4::jsonb, $5, $6::jsonb, $7, $8)
+                                     release, paused, on_failure, zone, price_points)
+               VALUES ($1, $2, $3, $4::jsonb, $5, $6::jsonb, $7, $8, $9, $10)
                ON CONFLICT (benefit_id) DO UPDATE SET
                    name = EXCLUDED.name, min_tier = EXCLUDED.min_tier,
                    quota = EXCLUDED.quota, stock_per_period = EXCLUDED.stock_per_period,
                    release = EXCLUDED.release, paused = EXCLUDED.paused,
-                   on_failure = EXCLUDED.on_failure,
+                   on_failure = EXCLUDED.on_failure, zone = EXCLUDED.zone,
+                   price_points = EXCLUDED.price_points,
                    version = benefits.version + 1, updated_at = now()
                RETURNING version""",
             benefit.benefit_id,
@@ -87,14 +93,26 @@ async def save_benefit(pool: asyncpg.Pool, benefit: Benefit) -> Benefit:
             release,
             benefit.paused,
             benefit.on_failure,
+            benefit.zone,
+            benefit.price_points,
         )
         await conn.execute("DELETE FROM benefit_options WHERE benefit_id = $1", benefit.benefit_id)
         await conn.executemany(
             """INSERT INTO benefit_options (benefit_id, option_id, position, name, kind,
-                                            partner, sku, stock_cap)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8)""",
+                                            partner, sku, stock_cap, price_points)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)""",
             [
-                (benefit.benefit_id, o.option_id, i, o.name, o.kind, o.partner, o.sku, o.stock_cap)
+                (
+                    benefit.benefit_id,
+                    o.option_id,
+                    i,
+                    o.name,
+                    o.kind,
+                    o.partner,
+                    o.sku,
+                    o.stock_cap,
+                    o.price_points,
+                )
                 for i, o in enumerate(benefit.options)
             ],
         )
@@ -107,7 +125,8 @@ async def load_benefits(
     rows = await pool.fetch(
         """SELECT b.*, coalesce(json_agg(json_build_object(
                       'option_id', o.option_id, 'name', o.name, 'kind', o.kind,
-                      'partner', o.partner, 'sku', o.sku, 'stock_cap', o.stock_cap)
+                      'partner', o.partner, 'sku', o.sku, 'stock_cap', o.stock_cap,
+                      'price_points', o.price_points)
                       ORDER BY o.position) FILTER (WHERE o.option_id IS NOT NULL), '[]') AS options
            FROM benefits b LEFT JOIN benefit_options o USING (benefit_id)
            WHERE $1::text IS NULL OR b.benefit_id = $1
@@ -124,6 +143,8 @@ async def load_benefits(
             "release": orjson.loads(row["release"]),
             "paused": row["paused"],
             "on_failure": row["on_failure"],
+            "zone": row["zone"],
+            "price_points": row["price_points"],
             "options": orjson.loads(row["options"]),
         }
         benefits.append(parse_benefit(row["benefit_id"], data, tz, version=row["version"]))

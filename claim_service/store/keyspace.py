@@ -24,6 +24,13 @@ CATALOGUE_KEY = f"{PREFIX}:benefits"  # set of benefit ids pushed to Redis
 CATALOGUE_LIVE_KEY = f"{PREFIX}:benefits:live"  # run id once every benefit was recovered
 DEAD_LETTER_STREAM = f"{PREFIX}:deadletter"  # stream entries the writer could not persist
 LAG_CHECK_KEY = f"{PREFIX}:lagcheck"  # lease: one process per interval compares Redis with PG
+ZONES_KEY = f"{PREFIX}:zones"  # hash zone_id -> zone JSON, mirrored from PostgreSQL
+# The points mirror (see ``points_mirror``): one hash field per member holding their lots,
+# the marker naming the server whose mirror recovery verified, and the holds taken by
+# negative adjustments (reference -> the lots they took points from).
+POINTS_KEY = f"{PREFIX}:points"
+POINTS_LIVE_KEY = f"{PREFIX}:points:live"
+POINTS_HOLDS_KEY = f"{PREFIX}:points:holds"
 # PostgreSQL NOTIFY channel: the writer wakes fulfil workers when it has persisted claims.
 CLAIMS_WRITTEN_CHANNEL = "claims_written"
 WRITER_GROUP = "writers"
@@ -134,6 +141,8 @@ class BenefitKeys:
             self.code_expiries,
             self.live,
             self.idempotency(previous or period),
+            POINTS_KEY,
+            POINTS_LIVE_KEY,
         ]
 
     def refund_keys(self, period: str) -> list[str]:
@@ -145,6 +154,8 @@ class BenefitKeys:
             self.codes,
             self.code_expiries,
             self.live,
+            POINTS_KEY,
+            POINTS_LIVE_KEY,
         ]
 
 
@@ -180,3 +191,4 @@ class Scripts:
         self.refund: AsyncScript = client.register_script(lua_source("refund"))
         self.live: AsyncScript = client.register_script(lua_source("live"))
         self.codes: AsyncScript = client.register_script(lua_source("codes"))
+        self.points: AsyncScript = client.register_script(lua_source("points"))

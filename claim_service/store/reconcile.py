@@ -5,7 +5,8 @@ The truth is what recovery would write: PostgreSQL united with the stream's not 
 persisted claims (``Snapshot.expected_counters``). Compared, per benefit and period: stock
 taken (in all and per option), top-ups (``added``), each member's quota use, the
 idempotency keys (missing, extra, or naming another claim) and each card-key option's free
-codes (summed over its unexpired buckets).
+codes (summed over its unexpired buckets). The points mirror is compared member by member
+with the ledger less the points spent in Redis and not yet recorded (``points_drift``).
 
 Claims keep being decided, persisted and refunded meanwhile, so Redis is read between two
 readings of the truth (each: the stream, then PostgreSQL) and compared with what the truth
@@ -44,6 +45,7 @@ from claim_service.errors import BackendUnavailable
 from claim_service.metrics import DRIFT
 from claim_service.store.catalogue_store import load_benefits
 from claim_service.store.keyspace import BenefitKeys, Scripts, text
+from claim_service.store.points_mirror import points_drift
 from claim_service.store.recovery import Recovery, claim_period, redis_now_ms
 from claim_service.store.snapshot import (
     ClaimRecord,
@@ -357,6 +359,10 @@ class Reconciler:
                     len(check.drift) - LOG_AT_MOST,
                     check.benefit_id,
                 )
+        points = await points_drift(self.pool, self.redis)
+        DRIFT.labels("*points*", "points").set(len(points))
+        for found in points[:LOG_AT_MOST]:
+            log.warning("drift between Redis and the points ledger: %s", found.describe())
         return checks
 
     async def watch(self, stop: asyncio.Event, every_s: float) -> None:

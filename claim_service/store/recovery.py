@@ -46,6 +46,7 @@ from claim_service.store.keyspace import (
     code_bucket,
     tiers_live_key,
 )
+from claim_service.store.points_mirror import ensure_points
 from claim_service.store.snapshot import Snapshot, read_snapshot, stream_claims
 from claim_service.store.stock_events import announce
 from claim_service.store.tiers import push_tiers_from_db
@@ -187,7 +188,11 @@ class Recovery:
             await self.scripts.restore(keys=[key], args=argv)
             first = False
 
-    # -- tiers and the whole catalogue -----------------------------------------------------
+    # -- tiers, points and the whole catalogue ---------------------------------------------
+
+    async def ensure_points(self, *, force: bool = False) -> bool:
+        """Make the points mirror live (rebuilt from the ledger unless this server has it)."""
+        return await ensure_points(self.pool, self.redis, force=force)
 
     async def ensure_tiers(self, period: str, *, force: bool = False) -> int:
         """Mirror ``period``'s tier snapshot from PostgreSQL unless this server has it."""
@@ -218,6 +223,7 @@ class Recovery:
         for benefit in await load_benefits(self.pool, self.settings.tz):
             await self.ensure_benefit(benefit.benefit_id, force=force)
             report.benefits += 1
+        await self.ensure_points(force=force)
         await self.scripts.live(keys=[CATALOGUE_LIVE_KEY], args=["mark"])
         return report
 
@@ -268,6 +274,7 @@ class Recovery:
                     if report.benefits:
                         log.warning("Redis was new: recovered %d benefit(s)", report.benefits)
                 await self.ensure_tiers(self.calendar.period_at(await redis_now_ms(self.redis)))
+                await self.ensure_points()
                 if loop.time() - checked_lag_at >= lag_check_every_s:
                     checked_lag_at = loop.time()
                     # One process per interval compares with PostgreSQL, however many run.

@@ -247,7 +247,7 @@ async def test_ops_retry_finishes_a_refund_interrupted_by_a_crash(
             claim_id,
         )
     assert row is not None
-    assert await _refund_in_redis(redis, row)
+    assert (await _refund_in_redis(redis, row, ""))[0]
     resp = await client.post(f"/admin/v1/claims/{claim_id}/retry", headers=admin(settings))
     assert resp.status == 409 and (await resp.json())["error"] == "already_refunded"
     assert await pool.fetchval("SELECT status FROM claims") == "refunded"

@@ -381,7 +381,7 @@ async def test_success_after_a_refund_interrupted_by_a_crash_lets_the_refund_sta
            USING (benefit_id, option_id) WHERE claim_id = $1""",
         claim_id,
     )
-    assert row is not None and await _refund_in_redis(redis, row)
+    assert row is not None and (await _refund_in_redis(redis, row, ""))[0]
 
     assert await callback(client, claim_id, "success") == "refunded"
     assert (await anomalies(client, settings))["counts"] == {"late_partner_success": 1}

@@ -1,22 +1,77 @@
 """What a member sees of the catalogue: each benefit with eligibility, quota, stock and
-opening, as of now on the release calendar (read from Redis, never deciding anything)."""
+opening, as of now on the release calendar, grouped by zone, and what their next tier
+unlocks (read from Redis, never deciding anything)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import asyncpg
 from redis.exceptions import RedisError
 
 from claim_service.claims.engine import ClaimEngine
 from claim_service.domain import periods
 from claim_service.domain.catalogue import Benefit
+from claim_service.domain.zones import Zone, next_tier
 from claim_service.errors import BackendUnavailable
-from claim_service.store.keyspace import BenefitKeys, tiers_key
+from claim_service.store.keyspace import ZONES_KEY, BenefitKeys, tiers_key
+from claim_service.store.zones_store import load_zones, zones_from_mirror
 
 
-async def member_catalogue(engine: ClaimEngine, user_id: str) -> list[dict[str, Any]]:
-    """Every benefit as the member sees it now: eligibility, quota, stock, opening."""
+@dataclass(frozen=True)
+class _Catalogue:
+    tier: int
+    benefits: list[Benefit]
+    views: list[dict[str, Any]]
+    zones_mirror: dict[Any, Any]  # HGETALL of the zones mirror
+
+
+async def member_listing(engine: ClaimEngine, pool: asyncpg.Pool, user_id: str) -> dict[str, Any]:
+    """The body of ``GET /v1/benefits``: every benefit as the member sees it now
+    (``benefits``: eligibility, quota, stock, opening), the same views grouped by zone
+    (``zones``), the member's ``tier`` and what their next tier unlocks (``next_tier``)."""
+    found = await _read(engine, user_id)
+    zones = zones_from_mirror(found.zones_mirror)
+    if zones is None:  # Redis lost the mirror: PostgreSQL has the zones
+        zones = await load_zones(engine.redis, pool)
+    return {
+        "benefits": found.views,
+        "tier": found.tier,
+        "zones": group_by_zone(found.views, zones, found.tier),
+        "next_tier": next_tier(found.tier, zones, found.benefits),
+    }
+
+
+def group_by_zone(
+    views: list[dict[str, Any]], zones: list[Zone], tier: int
+) -> list[dict[str, Any]]:
+    """Every zone in ``zones``' order with its benefits' views, then the benefits of no
+    (known) zone in a group of ``zone_id`` null, left out when empty."""
+    members: dict[str, list[dict[str, Any]]] = {z.zone_id: [] for z in zones}
+    ungrouped: list[dict[str, Any]] = []
+    for view in views:
+        members.get(view["zone"], ungrouped).append(view)
+    groups = [
+        {**z.to_json(), "unlocked": tier >= z.min_tier, "benefits": members[z.zone_id]}
+        for z in zones
+    ]
+    if ungrouped:
+        groups.append(
+            {
+                "zone_id": None,
+                "name": None,
+                "min_tier": None,
+                "position": None,
+                "unlocked": True,
+                "benefits": ungrouped,
+            }
+        )
+    return groups
+
+
+async def _read(engine: ClaimEngine, user_id: str) -> _Catalogue:
     now = engine.now()
     ids = await engine.benefit_ids()
     benefits: list[Benefit] = []
@@ -41,9 +96,11 @@ async def member_catalogue(engine: ClaimEngine, user_id: str) -> list[dict[str, 
                 keys = BenefitKeys(benefit.benefit_id)
                 pipe.hmget(keys.stock(period), ["added", "taken"])
                 pipe.hget(keys.used(period), user_id)
+            pipe.hgetall(ZONES_KEY)  # in the same round trip: zones cost no extra one
             results = await pipe.execute()
     except RedisError as exc:
         raise BackendUnavailable("Redis is unavailable") from exc
+    zones_mirror = results.pop()
     tier = int(results[0]) if results[0] is not None else 0
     views = []
     for i, benefit in enumerate(benefits):
@@ -51,7 +108,7 @@ async def member_catalogue(engine: ClaimEngine, user_id: str) -> list[dict[str, 
         period = benefit.release.period_at(now, engine.tz)
         stock_left = benefit.stock_per_period + int(added or 0) - int(taken or 0)
         views.append(_view(engine, benefit, period, now, tier, int(used or 0), max(stock_left, 0)))
-    return views
+    return _Catalogue(tier, benefits, views, zones_mirror)
 
 
 def _view(
@@ -83,9 +140,17 @@ def _view(
         "benefit_id": benefit.benefit_id,
         "name": benefit.name,
         "min_tier": benefit.min_tier,
+        "zone": benefit.zone,
+        "price_points": benefit.price_points,
         "period": period,
         "options": [
-            {"option_id": o.option_id, "name": o.name, "kind": o.kind} for o in benefit.options
+            {
+                "option_id": o.option_id,
+                "name": o.name,
+                "kind": o.kind,
+                "price_points": benefit.price_of(o.option_id),
+            }
+            for o in benefit.options
         ],
         "can_claim": reason is None,
         "reason": reason,

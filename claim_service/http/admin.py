@@ -1,4 +1,5 @@
-"""Ops routes under ``/admin/v1``: benefits, pause/resume, stock top-ups, tier snapshots."""
+"""Ops routes under ``/admin/v1``: benefits, zones, pause/resume, stock top-ups, tier
+snapshots."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from claim_service.domain.catalogue import (
     check_id,
     parse_benefit,
 )
+from claim_service.domain.zones import parse_zone
 from claim_service.errors import ValidationError
 from claim_service.http.app import (
     ENGINE,
@@ -28,7 +30,7 @@ from claim_service.http.app import (
     read_json_any,
 )
 from claim_service.http.auth import check_admin
-from claim_service.store import catalogue_store
+from claim_service.store import catalogue_store, zones_store
 from claim_service.store.anomalies import list_anomalies
 from claim_service.store.keyspace import BenefitKeys, text
 from claim_service.store.tiers import check_tier, check_user_id, save_tiers
@@ -53,6 +55,14 @@ async def put_benefit(request: web.Request) -> web.Response:
         benefit = parse_benefit(benefit_id, data, app[SETTINGS].tz)
     except ConflictingFields as exc:
         return error_response(422, "invalid_request", str(exc), field=exc.field)
+    if benefit.zone is not None and not await zones_store.zone_exists(app[PG], benefit.zone):
+        return error_response(
+            422,
+            "unknown_zone",
+            f"no zone {benefit.zone!r}: create it with PUT /admin/v1/zones/{benefit.zone} first",
+            field="zone",
+            zone=benefit.zone,
+        )
     existed = await app[PG].fetchval("SELECT 1 FROM benefits WHERE benefit_id = $1", benefit_id)
     saved = await catalogue_store.save_benefit(app[PG], benefit)
     await catalogue_store.push_benefit(app[REDIS], saved)
@@ -97,6 +107,23 @@ async def list_benefits(request: web.Request) -> web.Response:
     _admin(request)
     benefits = await catalogue_store.load_benefits(request.app[PG], request.app[SETTINGS].tz)
     return json_response({"benefits": [b.to_json() for b in benefits]})
+
+
+async def put_zone(request: web.Request) -> web.Response:
+    """``PUT /admin/v1/zones/{zone_id}``: saved in PostgreSQL, then mirrored to Redis."""
+    _admin(request)
+    app = request.app
+    zone_id = check_id(request.match_info["zone_id"], "zone_id")
+    zone = parse_zone(zone_id, await read_json(request, app[SETTINGS].max_body_bytes))
+    created = await zones_store.save_zone(app[PG], zone)
+    await zones_store.mirror_zones(app[REDIS], app[PG])
+    return json_response(zone.to_json(), 201 if created else 200)
+
+
+async def list_zones(request: web.Request) -> web.Response:
+    _admin(request)
+    zones = await zones_store.list_zones(request.app[PG])
+    return json_response({"zones": [z.to_json() for z in zones]})
 
 
 async def _set_paused(request: web.Request, paused: bool) -> web.Response:
@@ -188,6 +215,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/admin/v1/benefits/{benefit_id}/pause", pause)
     app.router.add_post("/admin/v1/benefits/{benefit_id}/resume", resume)
     app.router.add_post("/admin/v1/benefits/{benefit_id}/stock", add_stock)
+    app.router.add_get("/admin/v1/zones", list_zones)
+    app.router.add_put("/admin/v1/zones/{zone_id}", put_zone)
     app.router.add_put("/admin/v1/tiers/{period}", put_tiers)
     app.router.add_get("/admin/v1/writer", writer_backlog)
     app.router.add_get("/admin/v1/anomalies", get_anomalies)

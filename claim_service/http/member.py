@@ -18,7 +18,7 @@ from claim_service import metrics
 from claim_service.claims.decisions import ClaimDecision, ClaimRequest
 from claim_service.claims.engine import MAX_ACCOUNT, MAX_REQUEST_ID
 from claim_service.claims.records import find_claim, format_time, member_claims
-from claim_service.claims.views import member_catalogue
+from claim_service.claims.views import member_listing
 from claim_service.domain import periods
 from claim_service.domain.catalogue import ID_RE
 from claim_service.errors import BackendUnavailable, NotFoundError, ValidationError
@@ -259,8 +259,7 @@ async def list_my_claims(request: web.Request) -> web.Response:
 
 async def list_benefits(request: web.Request) -> web.Response:
     user_id = member(request)
-    views = await member_catalogue(request.app[ENGINE], user_id)
-    return json_response({"benefits": views})
+    return json_response(await member_listing(request.app[ENGINE], request.app[PG], user_id))
 
 
 async def healthz(request: web.Request) -> web.Response:

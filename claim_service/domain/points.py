@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -71,7 +71,7 @@ def lot_expiry(period: str, rule: CreditRule, tz: ZoneInfo) -> datetime | None:
     later = period
     for _ in range(rule.expires_after_periods):
         later = periods.next_period(later)
-    return periods.period_start(later, tz)
+    return clamp_expiry(periods.period_start(later, tz))
 
 
 def _whole(data: dict[str, Any], name: str, lo: int, hi: int, where: str) -> int:
@@ -109,6 +109,22 @@ def parse_rules(data: Any) -> tuple[CreditRule, ...]:
     if len({r.min_tier for r in rules}) != len(rules):
         raise ConflictingFields("two rules share a min_tier", field="rules")
     return tuple(sorted(rules, key=lambda r: r.min_tier))
+
+
+# Expiries are kept between these instants (an earlier one has passed anyway; a later one is
+# as good as never, and the Lua scripts write instants as numbers of at most 14 digits).
+EARLIEST_EXPIRY = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST_EXPIRY = datetime(3000, 1, 1, tzinfo=UTC)
+
+
+def clamp_expiry(moment: datetime) -> datetime:
+    """``moment`` within [EARLIEST_EXPIRY, LATEST_EXPIRY], to the millisecond (Redis's clock
+    keeps no finer instant)."""
+    if moment <= EARLIEST_EXPIRY:
+        return EARLIEST_EXPIRY
+    if moment >= LATEST_EXPIRY:
+        return LATEST_EXPIRY
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
 
 
 @dataclass(frozen=True)
@@ -151,9 +167,7 @@ def parse_adjustment(data: dict[str, Any]) -> Adjustment:
             raise ConflictingFields(
                 "expires_at is for a positive amount (a new lot)", field="expires_at"
             )
-        expires_at = parse_timestamp(data["expires_at"], "expires_at")
-        # Lots expire on a millisecond (Redis's clock): no finer instant is kept.
-        expires_at = expires_at.replace(microsecond=expires_at.microsecond // 1000 * 1000)
+        expires_at = clamp_expiry(parse_timestamp(data["expires_at"], "expires_at"))
     return Adjustment(amount, reason, reference, expires_at)
 
 

@@ -143,5 +143,6 @@ def add_admin_routes(app: web.Application) -> None:
     app.router.add_put("/admin/v1/points/rules", put_rules)
     app.router.add_post("/admin/v1/points/credit", credit)
     app.router.add_post("/admin/v1/points/expire", expire)
-    app.router.add_get("/admin/v1/points/{user_id}", get_member_points)
-    app.router.add_post("/admin/v1/points/{user_id}/adjust", adjust)
+    member_id = "/admin/v1/points/{user_id:(?!(?:rules|credit|expire)$)[^/]+}"
+    app.router.add_get(member_id, get_member_points)
+    app.router.add_post(member_id + "/adjust", adjust)

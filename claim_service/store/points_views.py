@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -100,11 +100,25 @@ async def member_points(
     }
 
 
+def _bounds(period: str, tz: ZoneInfo) -> tuple[datetime, datetime]:
+    """The period's instants, held within the years the ledger can have entries in."""
+    year, _month = periods.parse_period(period)
+    if year < 1971:
+        return EARLIEST, EARLIEST
+    if year > 9000:
+        return LATEST, LATEST
+    start = periods.period_start(period, tz)
+    return start, periods.period_start(periods.next_period(period), tz)
+
+
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9001, 1, 1, tzinfo=UTC)
+
+
 async def period_totals(pool: asyncpg.Pool, period: str, tz: ZoneInfo) -> dict[str, Any]:
     """Points moved during ``period`` (by when each entry was written, in the service's time
     zone) and the liability outstanding at its end (every entry until then)."""
-    start = periods.period_start(period, tz)
-    end = periods.period_start(periods.next_period(period), tz)
+    start, end = _bounds(period, tz)
     row = await pool.fetchrow(
         """SELECT
              coalesce(sum(amount) FILTER (WHERE kind = 'credit' AND created_at >= $1), 0)

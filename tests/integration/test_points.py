@@ -259,3 +259,44 @@ async def test_the_mirror_is_rebuilt_from_the_ledger_and_unrecorded_claims(
     assert await points_drift(pool, redis) == []
     totals = await (await client.get("/admin/v1/points", headers=admin(settings))).json()
     assert (totals["adjusted"], totals["spent"], totals["outstanding"]) == (20, 10, 10)
+
+
+async def test_points_refunded_to_a_lot_that_expired_meanwhile_are_written_off(
+    client: Client, settings: Settings, redis: Redis, pool: asyncpg.Pool
+) -> None:
+    await setup(client, settings, {"vip": 12})
+    at = datetime.now().astimezone() + timedelta(seconds=1.0)
+    resp = await client.post(
+        "/admin/v1/points/vip/adjust",
+        json={"amount": 1, "reason": "flash", "reference": "flash", "expires_at": at.isoformat()},
+        headers=admin(settings),
+    )
+    assert resp.status == 201
+    await give(client, settings, "vip", 1, "keep")  # never expires: taken second
+    resp = await client.post(
+        "/v1/benefits/lounge/claims",
+        json={"request_id": "a", "option_id": "lounge"},
+        headers=auth(settings, "vip"),
+    )
+    assert resp.status == 202
+    claim_id = (await resp.json())["claim_id"]
+    await drain(ClaimWriter(redis, pool, fast(settings)))
+    async with pool.acquire() as conn:
+        await transition(conn, claim_id, FAILED, "test", expect=("accepted",))
+    await asyncio.sleep(max((at - datetime.now().astimezone()).total_seconds(), 0) + 0.2)
+    assert await refund(pool, redis, claim_id)
+    rows = await pool.fetch(
+        "SELECT kind, amount, reference FROM points_entries WHERE user_id = 'vip' ORDER BY entry_id"
+    )
+    assert [(r["kind"], r["amount"]) for r in rows][-3:] == [
+        ("debit", -1),
+        ("refund", 1),
+        ("expire", -1),
+    ]
+    view = await my_points(client, settings, "vip")
+    assert (view["balance"], view["available"]) == (1, 1)
+    assert [lot["remaining"] for lot in view["lots"]] == [1]
+    assert await points_drift(pool, redis) == []
+    assert (
+        await (await client.post("/admin/v1/points/expire", headers=admin(settings))).json()
+    ) == {"expired": 0}

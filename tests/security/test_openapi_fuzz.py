@@ -53,10 +53,10 @@ PARTNER_SECRET = "fuzz-partner-secret-0123456789"
 BENEFIT, PARTNER = "video-monthly", "videohub"
 # What a request the document allows may get besides 2xx: states of the service no schema can
 # know (credentials, unknown ids, tier, quota and other conflicts, sold out or closed, paused,
-# not open yet). Never 400 or 413, never 5xx.
-ACCEPTED = ["2xx", "401", "403", "404", "409", "410", "423", "425"]
-# A benefit's fields can also contradict each other in ways no schema states (documented:
-# 422); nothing else can.
+# not open yet, too few points). Never 400 or 413, never 5xx.
+ACCEPTED = ["2xx", "401", "402", "403", "404", "409", "410", "423", "425"]
+# A benefit's fields, or the points rules, can also contradict each other in ways no schema
+# states (documented: 422); nothing else can.
 ACCEPTED_BENEFIT = [*ACCEPTED, "422"]
 # A line ``serve`` logged at ERROR or above, or a traceback: a finding whatever the response.
 SERVER_FAULT = re.compile(r" (ERROR|CRITICAL) |Traceback")
@@ -133,7 +133,11 @@ api = schemathesis.openapi.from_dict(
                 {
                     "include-operation-id": "putBenefit",
                     "checks": {"positive_data_acceptance": {"expected-statuses": ACCEPTED_BENEFIT}},
-                }
+                },
+                {
+                    "include-operation-id": "putPointsRules",
+                    "checks": {"positive_data_acceptance": {"expected-statuses": ACCEPTED_BENEFIT}},
+                },
             ],
         }
     ),

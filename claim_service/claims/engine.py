@@ -114,6 +114,10 @@ class ClaimEngine:
     def _redis_ms(self) -> int:
         return int(time.time() * 1000) + self.clock_offset_ms
 
+    def redis_ms(self) -> int:
+        """Now by Redis's clock, as last seen (unix ms)."""
+        return self._redis_ms()
+
     def current_period(self, benefit: Benefit) -> str:
         """The period a claim on ``benefit`` decided now counts against."""
         return benefit.release.period_at(self.now(), self.tz)

@@ -1,6 +1,7 @@
 """What a member sees of the catalogue: each benefit with eligibility, quota, stock and
-opening, as of now on the release calendar, grouped by zone, and what their next tier
-unlocks (read from Redis, never deciding anything)."""
+opening, as of now on the release calendar, grouped by zone, the points they can spend (a
+benefit none of whose options they can afford says ``insufficient_points``) and what their
+next tier unlocks (read from Redis, never deciding anything)."""
 
 from __future__ import annotations
 
@@ -14,15 +15,17 @@ from redis.exceptions import RedisError
 from claim_service.claims.engine import ClaimEngine
 from claim_service.domain import periods
 from claim_service.domain.catalogue import Benefit
+from claim_service.domain.points import parse_lots, spendable_points
 from claim_service.domain.zones import Zone, next_tier
 from claim_service.errors import BackendUnavailable
-from claim_service.store.keyspace import ZONES_KEY, BenefitKeys, tiers_key
+from claim_service.store.keyspace import POINTS_KEY, ZONES_KEY, BenefitKeys, tiers_key
 from claim_service.store.zones_store import load_zones, zones_from_mirror
 
 
 @dataclass(frozen=True)
 class _Catalogue:
     tier: int
+    points: int  # what the member can spend now
     benefits: list[Benefit]
     views: list[dict[str, Any]]
     zones_mirror: dict[Any, Any]  # HGETALL of the zones mirror
@@ -39,6 +42,7 @@ async def member_listing(engine: ClaimEngine, pool: asyncpg.Pool, user_id: str) 
     return {
         "benefits": found.views,
         "tier": found.tier,
+        "points": found.points,
         "zones": group_by_zone(found.views, zones, found.tier),
         "next_tier": next_tier(found.tier, zones, found.benefits),
     }
@@ -96,19 +100,23 @@ async def _read(engine: ClaimEngine, user_id: str) -> _Catalogue:
                 keys = BenefitKeys(benefit.benefit_id)
                 pipe.hmget(keys.stock(period), ["added", "taken"])
                 pipe.hget(keys.used(period), user_id)
+            pipe.hget(POINTS_KEY, user_id)
             pipe.hgetall(ZONES_KEY)  # in the same round trip: zones cost no extra one
             results = await pipe.execute()
     except RedisError as exc:
         raise BackendUnavailable("Redis is unavailable") from exc
     zones_mirror = results.pop()
+    points = spendable_points(parse_lots(results.pop()), engine.redis_ms())
     tier = int(results[0]) if results[0] is not None else 0
     views = []
     for i, benefit in enumerate(benefits):
         (added, taken), used = results[1 + 2 * i : 3 + 2 * i]
         period = benefit.release.period_at(now, engine.tz)
         stock_left = benefit.stock_per_period + int(added or 0) - int(taken or 0)
-        views.append(_view(engine, benefit, period, now, tier, int(used or 0), max(stock_left, 0)))
-    return _Catalogue(tier, benefits, views, zones_mirror)
+        views.append(
+            _view(engine, benefit, period, now, tier, int(used or 0), max(stock_left, 0), points)
+        )
+    return _Catalogue(tier, points, benefits, views, zones_mirror)
 
 
 def _view(
@@ -119,6 +127,7 @@ def _view(
     tier: int,
     used: int,
     left: int,
+    points: int,
 ) -> dict[str, Any]:
     opens, closes = engine.window(benefit, period)
     allowed = benefit.quota_for(tier)
@@ -135,6 +144,8 @@ def _view(
         reason = "closed"
     elif left <= 0:
         reason = "sold_out"
+    elif min(benefit.price_of(o.option_id) for o in benefit.options) > points:
+        reason = "insufficient_points"
     next_open = engine.next_opening(benefit, now)
     return {
         "benefit_id": benefit.benefit_id,

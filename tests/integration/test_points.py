@@ -300,3 +300,22 @@ async def test_points_refunded_to_a_lot_that_expired_meanwhile_are_written_off(
     assert (
         await (await client.post("/admin/v1/points/expire", headers=admin(settings))).json()
     ) == {"expired": 0}
+
+
+async def test_the_catalogue_shows_the_points_a_member_can_spend(
+    client: Client, settings: Settings
+) -> None:
+    await setup(client, settings, {"vip": 12})
+
+    async def listing() -> tuple[int, dict[str, Any]]:
+        resp = await client.get("/v1/benefits", headers=auth(settings, "vip"))
+        body = await resp.json()
+        [lounge] = [b for b in body["benefits"] if b["benefit_id"] == "lounge"]
+        return body["points"], lounge
+
+    points, lounge = await listing()
+    assert (points, lounge["can_claim"], lounge["reason"]) == (0, False, "insufficient_points")
+    assert [o["price_points"] for o in lounge["options"]] == [1, 2]
+    await give(client, settings, "vip", 1, "one")
+    points, lounge = await listing()
+    assert (points, lounge["can_claim"], lounge["reason"]) == (1, True, None)

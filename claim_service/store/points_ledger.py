@@ -264,6 +264,21 @@ async def spending_horizon_ms(redis: Redis, now_ms: int) -> int:
     return horizon
 
 
+async def _holding(pool: asyncpg.Pool, redis: Redis) -> list[str]:
+    """Members with a hold whose adjustment entry is not written yet."""
+    holds = (await points_mirror.unrecorded_spending(redis, streams=False)).holds
+    if not holds:
+        return []
+    written = {
+        r["reference"]
+        for r in await pool.fetch(
+            "SELECT reference FROM points_entries WHERE reference = ANY($1::text[])",
+            [f"adjust:{ref}" for ref in holds],
+        )
+    }
+    return sorted({user for ref, (user, _) in holds.items() if f"adjust:{ref}" not in written})
+
+
 async def expire_due(pool: asyncpg.Pool, redis: Redis) -> int:
     """Write off what is left of every lot past its expiry: one ``expire`` entry per lot (and
     another if a refund later returns points to it). A lot is written off only once every
@@ -271,17 +286,21 @@ async def expire_due(pool: asyncpg.Pool, redis: Redis) -> int:
     points expired."""
     now_ms = await points_mirror.redis_ms(redis)
     cutoff = datetime.fromtimestamp(await spending_horizon_ms(redis, now_ms) / 1000, UTC)
+    # A negative adjustment holds points in Redis before its entry is written: its member's
+    # lots wait for the next round.
+    holding = await _holding(pool, redis)
     total = 0
     while True:
         async with pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(
                 """SELECT l.lot_id, l.user_id, sum(a.amount) AS remaining
                    FROM points_lots l JOIN points_allocations a USING (lot_id)
-                   WHERE l.expires_at <= $1
+                   WHERE l.expires_at <= $1 AND NOT l.user_id = ANY($3::text[])
                    GROUP BY l.lot_id HAVING sum(a.amount) > 0
                    ORDER BY l.lot_id LIMIT $2""",
                 cutoff,
                 EXPIRE_BATCH,
+                holding,
             )
             for row in rows:
                 # One writer per lot at a time; read again under the lock.

@@ -145,10 +145,11 @@ class Unrecorded:
     holds: dict[str, tuple[str, list[tuple[int, int, int]]]] = field(default_factory=dict)
 
 
-async def unrecorded_spending(redis: Redis) -> Unrecorded:
-    """Every priced claim still in a stream and every hold, as (user, lots taken)."""
+async def unrecorded_spending(redis: Redis, *, streams: bool = True) -> Unrecorded:
+    """Every priced claim still in a stream (unless not ``streams``) and every hold, as
+    (user, lots taken)."""
     found = Unrecorded()
-    for member in await redis.smembers(CATALOGUE_KEY):
+    for member in await redis.smembers(CATALOGUE_KEY) if streams else ():
         stream = BenefitKeys(text(member)).stream
         start = "-"
         while True:

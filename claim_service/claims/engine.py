@@ -229,8 +229,8 @@ class ClaimEngine:
         """The batch's decisions, and whether what they accepted or replayed is durable."""
         keys = BenefitKeys(benefit_id)
         redis_ms = self._redis_ms()
-        recovered = False
-        for _attempt in range(STALE_RETRIES + 3):
+        recovered = points_recovered = False
+        for _attempt in range(STALE_RETRIES + 4):
             benefit = await self.benefit(benefit_id)
             if benefit is None:
                 raise NotFoundError("unknown_benefit", f"no benefit {benefit_id!r}")
@@ -257,9 +257,9 @@ class ClaimEngine:
             self.batched_claims += len(batch)
             head = text(raw[0])
             if head == "points_unverified":  # the points mirror is not verified on this server
-                if self.recovery is None or recovered:
+                if self.recovery is None or points_recovered:
                     raise BackendUnavailable("the points mirror is being recovered; retry")
-                recovered = True
+                points_recovered = True
                 await self.recovery.ensure_points()
                 continue
             if head == "unverified":

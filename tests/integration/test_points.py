@@ -19,7 +19,7 @@ from claim_service.domain import periods
 from claim_service.domain.lifecycle import FAILED
 from claim_service.fulfilment.compensation import refund
 from claim_service.store.claim_states import transition
-from claim_service.store.keyspace import POINTS_KEY
+from claim_service.store.keyspace import POINTS_KEY, POINTS_LIVE_KEY, Scripts
 from claim_service.store.points_mirror import ensure_points, points_drift
 from tests.helpers import admin, auth, benefit_body, direct, drain, fast
 
@@ -319,3 +319,28 @@ async def test_the_catalogue_shows_the_points_a_member_can_spend(
     await give(client, settings, "vip", 1, "one")
     points, lounge = await listing()
     assert (points, lounge["can_claim"], lounge["reason"]) == (1, True, None)
+
+
+async def test_a_mirror_redis_cannot_vouch_for_is_rebuilt_before_a_priced_claim(
+    client: Client, settings: Settings, redis: Redis, pool: asyncpg.Pool
+) -> None:
+    await setup(client, settings, {"vip": 12})
+    await give(client, settings, "vip", 1, "one")
+    # A mirror that says more than the ledger: drift while live, and once Redis cannot vouch
+    # for it (a restart, a failover), never spent: it is rebuilt first.
+    lots = await redis.hget(POINTS_KEY, "vip")
+    await redis.hset(POINTS_KEY, "vip", lots.decode().replace(":1:", ":5:"))
+    [drift] = await points_drift(pool, redis)
+    assert drift.user_id == "vip" and drift.expected.endswith(":1:0")
+    await Scripts(redis).live(keys=[POINTS_LIVE_KEY], args=["clear"])
+
+    async def claim(request_id: str) -> int:
+        resp = await client.post(
+            "/v1/benefits/lounge/claims",
+            json={"request_id": request_id, "option_id": "lounge"},
+            headers=auth(settings, "vip"),
+        )
+        return resp.status
+
+    assert [await claim("a"), await claim("b")] == [202, 402]
+    assert await points_drift(pool, redis) == []

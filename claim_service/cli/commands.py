@@ -111,18 +111,20 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
         points = await points_drift(pool, redis)
         for point_drift in points:
             print(point_drift.describe())
+        in_points = len(points)
         if points and args.fix:
             await ensure_points(pool, redis, force=True)
             points = await points_drift(pool, redis)
-            print(f"points mirror rebuilt from the ledger; {len(points)} drift(s) left")
-        found += len(points)
+            print(f"points mirror: rebuilt from the ledger; {len(points)} drift(s) left")
+        found += in_points
         left += len(points)
         summary = f"{len(benefits)} benefit(s) and the points mirror compared"
         summary += f", {skipped} not live" if skipped else ""
         if not found:
             summary += ": no drift"
         else:
-            summary += f": {found} drift(s) in {drifted} benefit(s)"
+            summary += f": {found - in_points} drift(s) in {drifted} benefit(s)"
+            summary += f", {in_points} in the points mirror" if in_points else ""
             summary += f"; {left} left after --fix" if args.fix else "; --fix repairs them"
         print(summary)
         return 1 if left else 0

@@ -177,7 +177,7 @@ async def test_reconcile_reports_drift_and_fixes_it(
 
     healthy = cli(settings, "reconcile")
     assert healthy.returncode == 0, healthy.stderr
-    assert healthy.stdout == "1 benefit(s) compared: no drift\n"
+    assert healthy.stdout == "1 benefit(s) and the points mirror compared: no drift\n"
 
     keys = BenefitKeys("video")
     await redis.hincrby(keys.stock(period), "taken", 1)
@@ -191,7 +191,10 @@ async def test_reconcile_reports_drift_and_fixes_it(
         f"video {period} idem_missing member 'm1' request 'r': Redis none, expected claim "
         f"{claim_id}" in lines
     )
-    assert lines[-1] == "1 benefit(s) compared: 2 drift(s) in 1 benefit(s); --fix repairs them"
+    assert (
+        lines[-1] == "1 benefit(s) and the points mirror compared: 2 drift(s) in 1 benefit(s); "
+        "--fix repairs them"
+    )
     assert len(lines) == 3
     assert int(await redis.hget(keys.stock(period), "taken") or 0) == 4  # reported, untouched
 
@@ -199,7 +202,8 @@ async def test_reconcile_reports_drift_and_fixes_it(
     assert fixed.returncode == 0, fixed.stderr
     assert "video: rebuilt from PostgreSQL and the stream; 0 drift(s) left" in fixed.stdout
     assert fixed.stdout.splitlines()[-1] == (
-        "1 benefit(s) compared: 2 drift(s) in 1 benefit(s); 0 left after --fix"
+        "1 benefit(s) and the points mirror compared: 2 drift(s) in 1 benefit(s); "
+        "0 left after --fix"
     )
     assert int(await redis.hget(keys.stock(period), "taken") or 0) == 3
     assert cli(settings, "reconcile", "--period", period).returncode == 0

@@ -160,9 +160,9 @@ def cmd_credit_points(settings: Settings, args: argparse.Namespace) -> int:
         started = time.monotonic()
 
         def progress(report: CreditReport) -> None:
-            done = report.eligible
-            share = f"{min(done, report.members) / report.members:6.1%}" if report.members else ""
-            bar = "#" * int(30 * min(done, report.members) / max(report.members, 1))
+            done = min(report.walked, report.members)
+            share = f"{done / report.members:6.1%}" if report.members else ""
+            bar = "#" * int(30 * done / max(report.members, 1))
             print(
                 f"\r  [{bar:<30}] {share} {report.credited:,} credited, {report.already:,} already",
                 end="",

@@ -82,6 +82,7 @@ WHERE e.reference = ANY($1::text[])
 class CreditReport:
     period: str
     members: int = 0  # in the period's tier snapshot
+    walked: int = 0  # of them, looked at so far
     eligible: int = 0  # a rule gives them points
     credited: int = 0  # credited by this run
     already: int = 0  # credited by an earlier run
@@ -114,6 +115,7 @@ async def credit_period(
         if not rows:
             break
         last = rows[-1]["user_id"]
+        report.walked += len(rows)
         chunk: list[tuple[str, int, datetime | None]] = []
         for row in rows:
             rule = rule_for(rules, row["tier"])

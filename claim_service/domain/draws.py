@@ -1,0 +1,211 @@
+"""Draws (blind box 盲盒, nine-grid 九宫格, lucky bag 福袋): the prize table and the provably
+fair algorithm, as plain functions anyone can reimplement from this docstring.
+
+**Commitment.** Per benefit and period a secret seed (32 random bytes) is made before the
+opening; ``commitment(seed)`` = hex SHA-256 of the seed is published, the seed itself when
+the period closes.
+
+**A draw's random value.** ``draw_value(seed, user_id, request_id, nonce)`` is
+HMAC-SHA256(key = seed, message = UTF-8 of ``"<user_id>:<request_id>:<nonce>"``); its first
+6 bytes, big-endian, are the value ``v`` (0 <= v < 2**48). ``nonce`` is the draw's index
+within its claim (0 for a single draw).
+
+**From the value to a prize.** The candidates are the prizes, in the order published, whose
+weight is above 0 and which still have stock at that moment (a prize without a stock never
+runs out); when the member is owed a guaranteed prize (see pity) only the listed pity prizes
+in stock are candidates, unless none is in stock. With ``T`` the sum of the candidates'
+weights, ``target = v mod T``; the prize drawn is the first candidate whose running sum of
+weights exceeds ``target``. (The modulo bias is at most T / 2**48: below 1e-8 for weights
+summing to a million.) No candidate: nothing is drawn (the draw is sold out).
+
+**Pity (保底).** ``{"after": N, "prize_ids": [...]}``: a member's N-th draw in a row without
+one of the listed prizes draws among the listed prizes (in stock); drawing one of them starts
+the count again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from claim_service.domain.catalogue import MAX_STOCK, ConflictingFields, as_integer, check_id
+from claim_service.errors import ValidationError
+
+DRAW_TYPES = ("blind_box", "nine_grid", "lucky_bag")
+VALUE_BYTES = 6
+VALUE_RANGE = 1 << (8 * VALUE_BYTES)
+MAX_PRIZES = 64
+MAX_WEIGHT = 1_000_000
+MAX_PITY = 10_000
+NINE_GRID_CELLS = 8  # the centre cell is the button
+
+
+@dataclass(frozen=True)
+class Prize:
+    prize_id: str
+    name: str
+    weight: int
+    stock: int | None  # None: never runs out ("thanks for playing")
+    option_id: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "prize_id": self.prize_id,
+            "name": self.name,
+            "weight": self.weight,
+            "stock": self.stock,
+            "option_id": self.option_id,
+        }
+
+
+@dataclass(frozen=True)
+class Pity:
+    after: int
+    prize_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Draw:
+    type: str
+    prizes: tuple[Prize, ...]
+    pity: Pity | None = None
+
+    def prize(self, prize_id: str) -> Prize | None:
+        return next((p for p in self.prizes if p.prize_id == prize_id), None)
+
+
+def commitment(seed: bytes) -> str:
+    return hashlib.sha256(seed).hexdigest()
+
+
+def draw_value(seed: bytes, user_id: str, request_id: str, nonce: int = 0) -> int:
+    message = f"{user_id}:{request_id}:{nonce}".encode()
+    digest = hmac.new(seed, message, hashlib.sha256).digest()
+    return int.from_bytes(digest[:VALUE_BYTES], "big")
+
+
+def candidates(
+    draw: Draw, left: Mapping[str, int | None], *, owed_pity: bool = False
+) -> list[tuple[str, int]]:
+    """(prize_id, weight) of the prizes that can be drawn now, in published order; ``left``
+    maps each prize to its stock left (None: unlimited)."""
+    in_stock = [
+        (p.prize_id, p.weight)
+        for p in draw.prizes
+        if p.weight > 0 and (left.get(p.prize_id) is None or (left[p.prize_id] or 0) > 0)
+    ]
+    if owed_pity and draw.pity is not None:
+        owed = [c for c in in_stock if c[0] in draw.pity.prize_ids]
+        if owed:
+            return owed
+    return in_stock
+
+
+def pick(value: int, weighted: Sequence[tuple[str, int]]) -> str | None:
+    """The prize ``value`` draws among ``weighted`` (see the module's docstring)."""
+    total = sum(weight for _, weight in weighted)
+    if total <= 0:
+        return None
+    target = value % total
+    running = 0
+    for prize_id, weight in weighted:
+        running += weight
+        if target < running:
+            return prize_id
+    raise AssertionError("unreachable: target < total")
+
+
+def odds(weighted: Sequence[tuple[str, int]]) -> dict[str, float]:
+    """Each candidate's probability."""
+    total = sum(weight for _, weight in weighted)
+    return {prize_id: weight / total for prize_id, weight in weighted} if total else {}
+
+
+def grid_cell(prize_id: str, draw: Draw) -> int:
+    """Where a nine-grid shows a prize: the ring's cells 0..7 clockwise from the top left,
+    prizes in published order (more than eight prizes share cells). Presentation only."""
+    index = next(i for i, p in enumerate(draw.prizes) if p.prize_id == prize_id)
+    return index % NINE_GRID_CELLS
+
+
+def parse_draw(data: Any, option_ids: Sequence[str]) -> Draw:
+    """``{"type", "prizes": [{"prize_id", "name", "weight", "stock", "option_id"}], "pity"}``."""
+    if not isinstance(data, dict):
+        raise ValidationError("draw must be an object", field="draw")
+    kind = data.get("type")
+    if kind not in DRAW_TYPES:
+        raise ValidationError(
+            f"draw.type must be one of {', '.join(DRAW_TYPES)}", field="draw.type"
+        )
+    raw = data.get("prizes")
+    if not isinstance(raw, list) or not 0 < len(raw) <= MAX_PRIZES:
+        raise ValidationError(f"draw.prizes must be a list of 1..{MAX_PRIZES}", field="draw.prizes")
+    prizes = tuple(_prize(item, i, option_ids) for i, item in enumerate(raw))
+    if len({p.prize_id for p in prizes}) != len(prizes):
+        raise ConflictingFields("prize ids must be unique", field="draw.prizes")
+    if not any(p.weight > 0 for p in prizes):
+        raise ConflictingFields("at least one prize needs a weight above 0", field="draw.prizes")
+    pity = None
+    if data.get("pity") is not None:
+        pity = _pity(data["pity"], {p.prize_id for p in prizes})
+    return Draw(kind, prizes, pity)
+
+
+def _whole(data: dict[str, Any], name: str, lo: int, hi: int, field: str) -> int:
+    value = as_integer(data.get(name))
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValidationError(f"{field} must be an integer in {lo}..{hi}", field=field)
+    return value
+
+
+def _prize(item: Any, index: int, option_ids: Sequence[str]) -> Prize:
+    where = f"draw.prizes[{index}]"
+    if not isinstance(item, dict):
+        raise ValidationError(f"{where} must be an object", field=where)
+    prize_id = check_id(item.get("prize_id"), f"{where}.prize_id")
+    name = item.get("name", prize_id)
+    if not isinstance(name, str) or not 0 < len(name) <= 200:
+        raise ValidationError(f"{where}.name must be 1..200 characters", field=f"{where}.name")
+    option_id = check_id(item.get("option_id"), f"{where}.option_id")
+    if option_id not in option_ids:
+        raise ConflictingFields(f"{where}.option_id names no option", field=f"{where}.option_id")
+    stock = None
+    if item.get("stock") is not None:
+        stock = _whole(item, "stock", 0, MAX_STOCK, f"{where}.stock")
+    weight = _whole(item, "weight", 0, MAX_WEIGHT, f"{where}.weight")
+    return Prize(prize_id, name, weight, stock, option_id)
+
+
+def _pity(data: Any, prize_ids: set[str]) -> Pity:
+    if not isinstance(data, dict):
+        raise ValidationError("draw.pity must be an object", field="draw.pity")
+    after = _whole(data, "after", 1, MAX_PITY, "draw.pity.after")
+    listed = data.get("prize_ids")
+    if not isinstance(listed, list) or not listed or not all(isinstance(p, str) for p in listed):
+        raise ValidationError(
+            "draw.pity.prize_ids must list prize ids", field="draw.pity.prize_ids"
+        )
+    if not set(listed) <= prize_ids:
+        raise ConflictingFields("draw.pity.prize_ids names no prize", field="draw.pity.prize_ids")
+    return Pity(after, tuple(dict.fromkeys(listed)))
+
+
+class PityCounter:
+    """A member's draws in a row without a pity prize (the model ``claim.lua`` follows)."""
+
+    def __init__(self, pity: Pity | None) -> None:
+        self.pity = pity
+        self.streak = 0
+
+    @property
+    def owed(self) -> bool:
+        return self.pity is not None and self.streak + 1 >= self.pity.after
+
+    def record(self, prize_id: str) -> None:
+        if self.pity is not None and prize_id in self.pity.prize_ids:
+            self.streak = 0
+        else:
+            self.streak += 1

@@ -13,7 +13,9 @@ remembers the first), injects its fault mid-burst, lets the system settle and au
 - **duplicated**: one request acknowledged under two claim ids, or persisted twice;
 - **oversold**: claims holding a unit (acknowledged or persisted, not refunded) beyond stock;
 - **over quota**: a member's claims holding a unit beyond their quota;
-- **drift**: what ``claim-service reconcile`` reports for the benefit afterwards.
+- **drift**: what ``claim-service reconcile`` reports for the benefit afterwards;
+- and a drill's own ``checks``, counts that must be zero too (the points drill's ledger
+  audit: points overspent, claims without their debit, debits without their claim…).
 
 Scale: ``CLAIM_DRILL_SCALE=quick`` (the default, what CI runs) or ``full`` (``./run drills``).
 """
@@ -63,6 +65,7 @@ class Scale:
     pg_outage_s: float
     redis_outage_s: float
     partner_outage_s: float
+    points_members: int = 300  # the points drill: members each given 0..3 points
 
 
 QUICK = Scale(
@@ -75,6 +78,7 @@ FULL = Scale(
     pg_outage_s=30,
     redis_outage_s=10,
     partner_outage_s=15,
+    points_members=4000,
 )
 
 
@@ -97,12 +101,16 @@ async def open_benefit(
     members: int,
     option: dict[str, Any] | None = None,
     on_failure: str | None = None,
+    quota: int = QUOTA,
+    price_points: int = 0,
 ) -> None:
-    """Benefit ``video`` open now with one option, members u0.. at tier 5, through the admin
-    API of a running ``serve``."""
-    body = benefit_body(stock=stock, quota=QUOTA, options=[option or direct(OPTION)])
+    """Benefit ``video`` open now with one option (costing ``price_points`` points), members
+    u0.. at tier 5, through the admin API of a running ``serve``."""
+    body = benefit_body(stock=stock, quota=quota, options=[option or direct(OPTION)])
     if on_failure is not None:
         body["on_failure"] = on_failure
+    if price_points:
+        body["price_points"] = price_points
     async with http.put(
         f"{ports.admin}/admin/v1/benefits/{BENEFIT}", headers=admin(settings), json=body
     ) as resp:
@@ -277,16 +285,18 @@ class DrillReport:
     over_quota: int
     drift: int
     unchecked: int = 0  # benefits reconcile could not compare (not live on that Redis)
+    checks: dict[str, int] = field(default_factory=dict)  # a drill's own, must be 0 too
     notes: dict[str, Any] = field(default_factory=dict)
 
     COUNTS = ("lost", "duplicated", "oversold", "over_quota", "drift", "unchecked")
 
     @property
     def failures(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.COUNTS if getattr(self, name)}
+        found = {name: getattr(self, name) for name in self.COUNTS if getattr(self, name)}
+        return found | {name: n for name, n in self.checks.items() if n}
 
     def line(self) -> str:
-        extra = "".join(f" {k}={v}" for k, v in self.notes.items())
+        extra = "".join(f" {k}={v}" for k, v in (self.checks | self.notes).items())
         return (
             f"{self.drill}: sent={self.sent} acknowledged={self.acknowledged} rows={self.rows}"
             f" lost={self.lost} duplicated={self.duplicated} oversold={self.oversold}"
@@ -320,7 +330,12 @@ async def audit(
     redis_url: str,
     *,
     stock: int,
+    quota: int = QUOTA,
+    checks: dict[str, int] | None = None,
+    notes: dict[str, Any] | None = None,
 ) -> DrillReport:
+    """The audit of one drill, recorded for the table at the end of the run and printed;
+    ``checks`` (counts that must be zero) and ``notes`` are the drill's own."""
     rows = await pool.fetch(
         "SELECT claim_id, user_id, request_id, status FROM claims WHERE benefit_id = $1",
         BENEFIT,
@@ -335,7 +350,7 @@ async def audit(
     per_member = Counter(holding.values())
     redis = await create_redis(redis_url)
     try:
-        checks = await Reconciler(pool, redis, settings).check_all()
+        compared = await Reconciler(pool, redis, settings).check_all()
     finally:
         await redis.aclose()
     report = DrillReport(
@@ -346,9 +361,11 @@ async def audit(
         lost=len(set(acknowledged) - persisted),
         duplicated=duplicated,
         oversold=max(0, len(holding) - stock),
-        over_quota=sum(max(0, n - QUOTA) for n in per_member.values()),
-        drift=sum(len(check.drift) for check in checks),
-        unchecked=sum(1 for check in checks if not check.live),
+        over_quota=sum(max(0, n - quota) for n in per_member.values()),
+        drift=sum(len(check.drift) for check in compared),
+        unchecked=sum(1 for check in compared if not check.live),
+        checks=dict(checks or {}),
+        notes=dict(notes or {}),
     )
     REPORTS.append(report)
     print(report.line())

@@ -3,7 +3,9 @@
 Starts the embedded Valkey and PostgreSQL (unless ``CLAIM_REDIS_URL``/``CLAIM_DATABASE_URL``
 are set), runs ``serve`` and ``writer`` as separate processes, creates a benefit through the
 admin API, loads a tier snapshot, then lets members race for the stock over HTTP from the
-moment it opens. Exits non-zero if any invariant fails.
+moment it opens. Zones and a lounge pass priced in points (``demo_points``) ride along:
+V12+ members are credited, then spend their points during the same burst. Exits non-zero if
+any invariant fails.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import uvloop
 from claim_service.config import Settings
 from claim_service.domain import periods
 from claim_service.http.auth import mint_token
-from claim_service.local import demo_fulfilment
+from claim_service.local import demo_fulfilment, demo_points
 from claim_service.local.demo_report import BurstStats, DemoOptions, report, say, verdict
 from claim_service.local.embedded import EmbeddedServers, free_port
 from claim_service.store.connections import create_pg_pool, create_redis
@@ -107,16 +109,26 @@ async def _demo(settings: Settings, options: DemoOptions) -> int:
         ) as http:
             await _wait_ready(http, base + "/readyz", procs, logfile)
             await _wait_ready(http, sim_url + "/stats", procs, logfile)
-            benefit_id = f"video-{datetime.now():%H%M%S}"
+            stamp = f"{datetime.now():%H%M%S}"
+            benefit_id, lounge_id = f"video-{stamp}", f"lounge-{stamp}"
+            await demo_points.create_zones(http, admin_base, settings)
             opens = datetime.now(settings.tz) + timedelta(seconds=OPENS_IN_S)
-            await _setup(http, admin_base, settings, benefit_id, opens, options)
+            tiers = await _setup(http, admin_base, settings, benefit_id, opens, options)
             await demo_fulfilment.setup_fulfilment(http, admin_base, settings, benefit_id,
                                                    sim_url, options.codes)  # fmt: skip
-            stats = await _burst(http, base, settings, benefit_id, opens, options)
+            plan = await demo_points.setup_points(http, admin_base, redis, settings, lounge_id,
+                                                  opens, tiers, options.seed)  # fmt: skip
+            stats, lounge = await asyncio.gather(
+                _burst(http, base, settings, benefit_id, opens, options),
+                demo_points.lounge_rush(base, settings, plan, opens, options.seed),
+            )
             checks = await report(pool, redis, settings, benefit_id, stats, options)
             settle_s = await demo_fulfilment.wait_settled(pool, benefit_id)
             checks += await demo_fulfilment.fulfilment_report(
                 pool, redis, http, sim_url, settings, benefit_id, settle_s
+            )
+            checks += await demo_points.points_report(
+                pool, redis, http, base, settings, plan, lounge, tiers
             )
         return verdict(checks, logfile)
     finally:
@@ -159,10 +171,12 @@ async def _setup(
     benefit_id: str,
     opens: datetime,
     options: DemoOptions,
-) -> None:
+) -> dict[str, int]:
+    """Create the video benefit (in 惠生活) and load the period's tiers; returns them."""
     admin = {"Authorization": f"Bearer {settings.admin_token}"}
     benefit = {
         "name": "Video membership, monthly card",
+        "zone": demo_points.VIDEO_ZONE,
         "min_tier": 4,
         "quota": [{"min_tier": 4, "per_period": 1}, {"min_tier": 8, "per_period": 2}],
         "stock_per_period": options.stock,
@@ -208,6 +222,7 @@ async def _setup(
         f"{opens:%H:%M:%S %Z}; {options.members:,} members loaded, {eligible:,} of them V4+ "
         f"wanting {demand:,} units"
     )
+    return {str(t["user_id"]): int(t["tier"]) for t in tiers}
 
 
 async def _burst(

@@ -19,7 +19,7 @@ from claim_service.domain import periods
 from claim_service.domain.lifecycle import FAILED
 from claim_service.fulfilment.compensation import refund
 from claim_service.store.claim_states import transition
-from claim_service.store.keyspace import POINTS_KEY, POINTS_LIVE_KEY, Scripts
+from claim_service.store.keyspace import POINTS_KEY, POINTS_LIVE_KEY, Scripts, text
 from claim_service.store.points_mirror import ensure_points, points_drift
 from tests.helpers import admin, auth, benefit_body, direct, drain, fast
 
@@ -328,8 +328,8 @@ async def test_a_mirror_redis_cannot_vouch_for_is_rebuilt_before_a_priced_claim(
     await give(client, settings, "vip", 1, "one")
     # A mirror that says more than the ledger: drift while live, and once Redis cannot vouch
     # for it (a restart, a failover), never spent: it is rebuilt first.
-    lots = await redis.hget(POINTS_KEY, "vip")
-    await redis.hset(POINTS_KEY, "vip", lots.decode().replace(":1:", ":5:"))
+    lots = text(await redis.hget(POINTS_KEY, "vip"))
+    await redis.hset(POINTS_KEY, "vip", lots.replace(":1:", ":5:"))
     [drift] = await points_drift(pool, redis)
     assert drift.user_id == "vip" and drift.expected.endswith(":1:0")
     await Scripts(redis).live(keys=[POINTS_LIVE_KEY], args=["clear"])

@@ -46,7 +46,7 @@ def chi2_sf(statistic: float, dof: int) -> float:
     return max(0.0, 1.0 - lower)
 
 
-def chi_square(counts: Counter[str], probabilities: dict[str, float], n: int) -> float:
+def chi_square(counts: Counter[str | None], probabilities: dict[str, float], n: int) -> float:
     return sum((counts[k] - n * p) ** 2 / (n * p) for k, p in probabilities.items())
 
 

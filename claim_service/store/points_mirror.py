@@ -34,6 +34,7 @@ from claim_service.store.keyspace import (
     POINTS_KEY,
     POINTS_LIVE_KEY,
     RECOVERY_LOCK_S,
+    RECOVERY_WAIT_S,
     BenefitKeys,
     Scripts,
     text,
@@ -215,8 +216,9 @@ async def ensure_points(pool: asyncpg.Pool, redis: Redis, *, force: bool = False
     try:
         if not force and await is_live(redis):
             return False
+        # Claims waiting on the rebuild get 503 after RECOVERY_WAIT_S, as for a benefit's.
         lock = redis.lock(
-            POINTS_LIVE_KEY + ":loading", timeout=RECOVERY_LOCK_S, blocking_timeout=60
+            POINTS_LIVE_KEY + ":loading", timeout=RECOVERY_LOCK_S, blocking_timeout=RECOVERY_WAIT_S
         )
         async with lock:
             if force:

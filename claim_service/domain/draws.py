@@ -209,3 +209,27 @@ class PityCounter:
             self.streak = 0
         else:
             self.streak += 1
+
+
+@dataclass(frozen=True)
+class DrawRecord:
+    """What a draw's proof holds: its inputs, the candidates and weights in force when it
+    was decided (published order), and the prize it gave."""
+
+    user_id: str
+    request_id: str
+    nonce: int
+    weights: tuple[tuple[str, int], ...]
+    prize_id: str | None
+
+
+def verify(seed: bytes, records: Sequence[DrawRecord]) -> list[tuple[int, str | None]]:
+    """Recompute every record's draw from the revealed seed: (index, the prize it should have
+    given) for each record whose prize differs. Empty: every draw checks out."""
+    wrong = []
+    for index, record in enumerate(records):
+        value = draw_value(seed, record.user_id, record.request_id, record.nonce)
+        expected = pick(value, record.weights)
+        if expected != record.prize_id:
+            wrong.append((index, expected))
+    return wrong

@@ -7,12 +7,14 @@ import hashlib
 import hmac
 import math
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 
 from claim_service.domain.draws import (
     VALUE_RANGE,
     Draw,
+    DrawRecord,
     Pity,
     PityCounter,
     Prize,
@@ -22,6 +24,7 @@ from claim_service.domain.draws import (
     odds,
     parse_draw,
     pick,
+    verify,
 )
 from claim_service.errors import ValidationError
 
@@ -151,3 +154,23 @@ def test_the_prize_table_is_validated() -> None:
         assert caught.value.field == field
     with pytest.raises(ValidationError):
         parse_draw(good, ["o1"])  # a prize naming no option
+
+
+def test_verification_recomputes_every_draw_and_finds_an_altered_record() -> None:
+    draw = Draw("blind_box", (Prize("a", "A", 1, 5, "o"), Prize("b", "B", 3, None, "o")))
+    left: dict[str, int | None] = {"a": 5, "b": None}
+    records = []
+    for i in range(200):
+        weighted = tuple(candidates(draw, left))
+        prize = pick(draw_value(SEED, f"m{i}", "r", 0), weighted)
+        assert prize is not None
+        if left[prize] is not None:
+            left[prize] = (left[prize] or 0) - 1
+        records.append(DrawRecord(f"m{i}", "r", 0, weighted, prize))
+    assert left["a"] == 0  # the rare prize sold out along the way
+    assert verify(SEED, records) == []
+    altered = list(records)
+    first_b = next(i for i, r in enumerate(records) if r.prize_id == "b")
+    altered[first_b] = replace(records[first_b], prize_id="a")
+    assert verify(SEED, altered) == [(first_b, "b")]
+    assert verify(hashlib.sha256(b"another seed").digest(), records) != []

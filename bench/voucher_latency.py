@@ -28,13 +28,13 @@ from claim_service.claims.engine import ClaimEngine
 from claim_service.config import Settings
 from claim_service.domain import periods
 from claim_service.domain.catalogue import parse_benefit
-from claim_service.fulfilment.vault import Vault
 from claim_service.fulfilment.vouchers import CodeRow, load_codes
 from claim_service.local.embedded import EmbeddedServers
 from claim_service.store import catalogue_store
 from claim_service.store.connections import create_pg_pool, create_redis
 from claim_service.store.migrations import migrate
 from claim_service.store.tiers import save_tiers
+from claim_service.store.vault import Vault
 
 REPRODUCE = "./run bench voucher-latency"
 LATENCY_SQL = """

@@ -14,6 +14,11 @@
 -- ARGV[6] expiry (unix ms) of the code bucket the claim reserved ("0" or "": never expires)
 -- ARGV[7] the points the claim took, "lot:amount:expiry_ms,..." ("": none): each amount goes
 --         back to its own lot, unless that lot has expired by the server's clock
+-- ARGV[8] the bundle's claim id when the claim is one option of a bundle ("": not a bundle)
+-- ARGV[9] the bundle's size   ARGV[10] the prize a draw gave ("": not a draw)
+-- An option of a bundle gives back its option's unit, code and points; the bundle's unit of
+-- stock and the member's quota come back with the last of its options to be refunded. A draw
+-- gives its prize's unit back too (the member's pity count is left as it is).
 -- Returns {1, dropped} when refunded now, where dropped lists the points not given back
 -- because their lot had expired ("lot:amount,..."); {0, ""} when this claim was refunded
 -- before; {-1, ""} when the counters or the points mirror are being recovered (nothing
@@ -74,9 +79,28 @@ if paid ~= '' then
   end
   redis.call('HSET', KEYS[7], ARGV[2], table.concat(kept, ','))
 end
-decrement(KEYS[1], 'taken')
+local bundle = ARGV[8] or ''
+local whole = true
+if bundle ~= '' then
+  for k = 0, tonumber(ARGV[9]) - 1 do
+    local item_id = bundle
+    if k > 0 then
+      item_id = string.sub(bundle, 1, 30) .. string.format('%02x', k)
+    end
+    if redis.call('SISMEMBER', KEYS[3], item_id) == 0 then
+      whole = false
+      break
+    end
+  end
+end
+if whole then
+  decrement(KEYS[1], 'taken')
+  decrement(KEYS[2], ARGV[2])
+end
 decrement(KEYS[1], 'taken:' .. ARGV[3])
-decrement(KEYS[2], ARGV[2])
+if (ARGV[10] or '') ~= '' then
+  decrement(KEYS[1], 'prize:' .. ARGV[10])
+end
 if ARGV[4] == '1' then
   local expiry = tonumber(ARGV[6]) or 0
   if expiry == 0 then

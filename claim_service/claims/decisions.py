@@ -16,6 +16,23 @@ class ClaimRequest:
     request_id: str
     option_id: str | None = None
     account: str = ""
+    option_ids: tuple[str, ...] = ()  # a bundle's chosen options (instead of option_id)
+
+
+@dataclass(frozen=True)
+class DrawResult:
+    """The prize a draw gave and, for a draw decided now, the proof's parts: the value, the
+    candidates and weights in force, whether the pity rule chose the candidates, the member's
+    streak after it and the draw's number in the period (a replayed request has the prize
+    only: its proof is on the claim)."""
+
+    prize_id: str
+    nonce: int = 0
+    value: int | None = None
+    weights: tuple[tuple[str, int], ...] = ()
+    owed: bool = False
+    streak: int = 0
+    seq: int = 0
 
 
 @dataclass(frozen=True)
@@ -25,7 +42,8 @@ class ClaimDecision:
     ``code`` is ``ok`` (accepted now), ``dup`` (the same request accepted earlier) or a
     rejection: ``paused``, ``not_open``, ``closed``, ``unknown_option``, ``tier``, ``quota``,
     ``sold_out``, ``option_sold_out``, ``points`` (the member cannot spend ``price`` points:
-    ``balance`` is what they can spend).
+    ``balance`` is what they can spend). ``option_id`` is the option taken (a bundle's first)
+    or refused; ``options`` every option taken; ``draw`` the prize a draw gave.
     """
 
     code: str
@@ -42,6 +60,8 @@ class ClaimDecision:
     balance: int = 0
     price: int = 0
     local: bool = False  # answered by the gate when submitted, ahead of any batch in flight
+    options: tuple[str, ...] = ()  # what an accepted claim took (a bundle: several)
+    draw: DrawResult | None = None
 
     @property
     def accepted(self) -> bool:

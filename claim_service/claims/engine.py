@@ -25,13 +25,16 @@ from redis.exceptions import RedisError
 
 from claim_service import metrics
 from claim_service.claims.benefit_cache import BenefitCache
+from claim_service.claims.choices import price_of, requested_options, taken_of
 from claim_service.claims.decisions import ACCEPTED, ClaimDecision, ClaimRequest, Span
 from claim_service.claims.durability import DurableAck, held_connection
 from claim_service.claims.gate import Gate
 from claim_service.config import Settings
 from claim_service.domain import periods
 from claim_service.domain.catalogue import Benefit
-from claim_service.errors import BackendUnavailable, NotFoundError, ValidationError
+from claim_service.domain.draws import draw_value
+from claim_service.errors import BackendUnavailable, NotFoundError
+from claim_service.store.draw_seeds import DrawSeeds
 from claim_service.store.keyspace import (
     PERIOD_KEY_TTL_S,
     STALE_RETRIES,
@@ -43,14 +46,20 @@ from claim_service.store.recovery import Recovery
 
 log = logging.getLogger(__name__)
 
-RESULT_WIDTH = 6
+RESULT_WIDTH = 7
 MAX_REQUEST_ID = 64
 MAX_ACCOUNT = 128
 
 
 def new_claim_id() -> str:
-    """Time-ordered, 32 hex characters: 48-bit milliseconds then 80 random bits."""
-    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(10)}"
+    """Time-ordered, 32 hex characters: 48-bit milliseconds then 72 random bits, then "00"
+    (the options of a bundle take the ids ending 01, 02, ...; see ``bundle_item_id``)."""
+    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(9)}00"
+
+
+def bundle_item_id(claim_id: str, index: int) -> str:
+    """The claim id of a bundle's ``index``-th option (the first is the bundle's own)."""
+    return claim_id if index == 0 else f"{claim_id[:30]}{index:02x}"
 
 
 @dataclass
@@ -59,6 +68,7 @@ class _Pending:
     option_id: str
     claim_id: str
     future: asyncio.Future[ClaimDecision]
+    value: int | None = None  # a draw's value (see ``draws.draw_value``)
 
 
 class ClaimEngine:
@@ -83,6 +93,7 @@ class ClaimEngine:
         self.calendar = calendar or periods.Calendar(settings.tz)
         self.scripts = Scripts(redis)
         self.recovery = Recovery(pool, redis, settings, self.calendar) if pool else None
+        self.seeds = DrawSeeds(pool, settings.codes_key) if pool else None
         self.catalogue = BenefitCache(redis, self.tz, self.recovery)
         self.durability = DurableAck(settings)
         self.gate = Gate(redis)
@@ -164,15 +175,7 @@ class ClaimEngine:
         benefit = await self.benefit(request.benefit_id)
         if benefit is None:
             raise NotFoundError("unknown_benefit", f"no benefit {request.benefit_id!r}")
-        option_id = request.option_id
-        if option_id is None:
-            if len(benefit.options) != 1:
-                choices = ", ".join(o.option_id for o in benefit.options)
-                raise ValidationError(
-                    f"option_id is required for this benefit (one of: {choices})",
-                    field="option_id",
-                )
-            option_id = benefit.options[0].option_id
+        option_id = requested_options(benefit, request)
         local = self.gate.answer(benefit, request.user_id, option_id, self._redis_ms())
         if local is not None:
             self.local_answers += 1
@@ -235,6 +238,11 @@ class ClaimEngine:
             if benefit is None:
                 raise NotFoundError("unknown_benefit", f"no benefit {benefit_id!r}")
             span = self.span(benefit, redis_ms)
+            seed = b""
+            if benefit.draw is not None:
+                if self.seeds is None:
+                    raise BackendUnavailable("draws need PostgreSQL (their seeds live there)")
+                seed = await self.seeds.seed(benefit_id, span.period)
             argv: list[Any] = [
                 benefit.version,
                 span.period,
@@ -247,7 +255,15 @@ class ClaimEngine:
             ]
             for item in batch:
                 req = item.request
-                argv += [req.user_id, req.request_id, item.option_id, item.claim_id, req.account]
+                item.value = draw_value(seed, req.user_id, req.request_id) if seed else None
+                argv += [
+                    req.user_id,
+                    req.request_id,
+                    item.option_id,
+                    item.claim_id,
+                    req.account,
+                    "" if item.value is None else item.value,
+                ]
             sent_at = time.time()
             try:
                 raw, replied_at, durable = await self._run_script(keys, span, argv)
@@ -283,8 +299,8 @@ class ClaimEngine:
                 continue
             width = RESULT_WIDTH
             decisions = [
-                self._decision(benefit, span, raw[2 + i * width : 2 + (i + 1) * width])
-                for i in range(len(batch))
+                self._decision(benefit, span, item, raw[2 + i * width : 2 + (i + 1) * width])
+                for i, item in enumerate(batch)
             ]
             self.gate.learn(benefit, span, [item.request.user_id for item in batch], decisions)
             metrics.CLAIM_BATCH_SIZE.set(len(batch))
@@ -313,9 +329,12 @@ class ClaimEngine:
             durable = await self.durability.confirm(conn, wrote="ok" in codes, touch=touch)
             return raw, replied_at, durable
 
-    def _decision(self, benefit: Benefit, span: Span, row: list[Any]) -> ClaimDecision:
-        code, claim_id, option_id = text(row[0]), text(row[1]), text(row[2])
+    def _decision(
+        self, benefit: Benefit, span: Span, item: _Pending, row: list[Any]
+    ) -> ClaimDecision:
+        code, claim_id, taken = text(row[0]), text(row[1]), text(row[2])
         stock_left, tier, extra = int(row[3]), int(row[4]), int(row[5])
+        option_id, options, draw = taken_of(code, taken, text(row[6]), item.value)
         created = periods.from_ms(extra, self.tz) if code in ACCEPTED else None
         opens_at = None
         if code == "not_open":
@@ -334,8 +353,10 @@ class ClaimEngine:
             used=extra if code == "quota" else 0,
             quota=benefit.quota_for(tier),
             balance=extra if code == "points" else 0,
-            price=benefit.price_of(option_id),
+            price=price_of(benefit, item.option_id),
             opens_at=opens_at,
+            options=options,
+            draw=draw,
         )
 
     async def drain(self) -> None:

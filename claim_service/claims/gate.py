@@ -91,6 +91,8 @@ class Gate:
         if code is None:
             return None
         known = self._known[benefit.benefit_id]
+        if code == "option_sold_out":  # a bundle's first option (see ``_code``)
+            option_id = option_id.split(",")[0]
         tier = self._tiers.get(user_id, 0) if code != "not_open" else 0
         return ClaimDecision(
             code=code,
@@ -122,14 +124,20 @@ class Gate:
             return "not_open" if now_ms < where.opens_ms - OPENING_GUARD_MS else None
         if where.closes_ms and now_ms >= where.closes_ms:
             return None
-        if benefit.option(option_id) is None or where.tiers_period != self._tiers_period:
+        # option_id: one option, a bundle's joined by ",", or "" for a draw (the prize decides)
+        chosen = option_id.split(",") if option_id else []
+        if benefit.draw is None and (not chosen or any(benefit.option(o) is None for o in chosen)):
+            return None
+        if where.tiers_period != self._tiers_period:
             return None
         tier = self._tiers.get(user_id)
         if tier is None or tier < benefit.min_tier or benefit.quota_for(tier) < 1:
             return None
         if known.sold_out:
             return "sold_out"
-        if option_id in known.options_sold_out:
+        # claim.lua names the first chosen option it finds sold out: only when that is the
+        # first one chosen is this worker sure which it is.
+        if chosen and chosen[0] in known.options_sold_out:
             return "option_sold_out"
         return None
 

@@ -163,6 +163,8 @@ def _view(
             }
             for o in benefit.options
         ],
+        "choose": benefit.choose,
+        "draw": benefit.draw.type if benefit.draw else None,
         "can_claim": reason is None,
         "reason": reason,
         "tier": tier,

@@ -290,13 +290,15 @@ class ClaimWriter:
                 [r[2] for r in rows],
                 [r[3] for r in rows],
                 [r[5] for r in rows],
+                [r[10] or r[0] for r in rows],
             )
         }
         first: dict[tuple[str, str, str, str], str] = {}
         for row in rows:
             request = (row[3], row[5], row[2], row[1])
-            earlier = first.setdefault(request, row[0])
-            if earlier != row[0]:
+            group = row[10] or row[0]  # the options of one bundle share their request
+            earlier = first.setdefault(request, group)
+            if earlier != group:
                 found.setdefault(row[0], earlier)
         return found
 
@@ -315,6 +317,9 @@ class ClaimWriter:
                 PERIOD_KEY_TTL_S,
                 row[9] or 0,
                 fields.get(b"pl", b"").decode(),
+                row[10] or "",
+                row[12],
+                fields.get(b"dz", b"").decode(),
             ],
         )
         if int(done[0]) < 0:  # counters being recovered: keep the entry and try again later

@@ -22,6 +22,7 @@ from claim_service.cli.commands import (
     cmd_migrate,
     cmd_reconcile,
     cmd_token,
+    cmd_verify_draws,
     cmd_warm,
     cmd_writer,
 )
@@ -127,6 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("expire-points", help="write off points left in lots past their expiry")
     p.set_defaults(func=cmd_expire_points)
+
+    p = sub.add_parser(
+        "verify-draws", help="recompute every draw of a period from its seed and the records"
+    )
+    p.add_argument("benefit_id")
+    p.add_argument("period", help="YYYY-MM")
+    p.add_argument("--seed", help="the revealed seed (hex) to check instead of the stored one")
+    p.set_defaults(func=cmd_verify_draws)
 
     p = sub.add_parser("token", help="mint a dev member token (HS256, CLAIM_JWT_SECRET)")
     p.add_argument("user_id")

@@ -23,7 +23,7 @@ from claim_service.cli.runtime import (
 )
 from claim_service.config import Settings
 from claim_service.domain import periods
-from claim_service.fulfilment.vault import Vault
+from claim_service.domain.draws import audit
 from claim_service.fulfilment.vouchers import load_codes, pool_levels, read_code_csv
 from claim_service.fulfilment.worker import FulfilmentWorker
 from claim_service.http.auth import mint_token
@@ -31,7 +31,10 @@ from claim_service.http.server import file_limit
 from claim_service.local.demo import run_demo
 from claim_service.local.demo_report import DemoOptions
 from claim_service.local.embedded import EmbeddedServers
+from claim_service.store.catalogue_store import load_benefit
 from claim_service.store.connections import create_pg_pool
+from claim_service.store.draw_records import period_draws
+from claim_service.store.draw_seeds import DrawSeeds
 from claim_service.store.migrations import migrate
 from claim_service.store.points_credit import CreditReport, credit_period
 from claim_service.store.points_ledger import expire_due
@@ -39,6 +42,7 @@ from claim_service.store.points_mirror import ensure_points, points_drift
 from claim_service.store.reconcile import Reconciler
 from claim_service.store.recovery import Recovery
 from claim_service.store.tiers import check_user_id, load_tier_csv
+from claim_service.store.vault import Vault
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace, *, out: Any = None) -> int:
@@ -293,3 +297,40 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
         codes=args.codes,
     )
     return run_demo(settings, options)
+
+
+def cmd_verify_draws(settings: Settings, args: argparse.Namespace) -> int:
+    """Recompute every recorded draw of a period from its seed; exit 1 on any mismatch."""
+    periods.parse_period(args.period)
+
+    async def body(redis: Any, pool: Any) -> int:
+        benefit = await load_benefit(pool, settings.tz, args.benefit_id)
+        stored = await pool.fetchval(
+            "SELECT commitment FROM draw_seeds WHERE benefit_id = $1 AND period = $2",
+            benefit.benefit_id,
+            args.period,
+        )
+        if stored is None:
+            print(f"no seed was made for {benefit.benefit_id} in {args.period}: no draws")
+            return 1
+        if args.seed:
+            try:
+                seed = bytes.fromhex(args.seed)
+            except ValueError:
+                print("--seed must be hexadecimal", file=sys.stderr)
+                return 2
+        else:
+            seed = await DrawSeeds(pool, settings.codes_key).seed(benefit.benefit_id, args.period)
+        records = await period_draws(pool, benefit.benefit_id, args.period)
+        found = audit(seed, stored, [r.audit_record() for r in records], benefit.draw)
+        for mismatch in found:
+            print(f"MISMATCH {mismatch.claim_id or '-'}: {mismatch.what}")
+        wrong = len({m.claim_id for m in found if m.claim_id})
+        print(
+            f"verified {len(records):,} draw(s) of {benefit.benefit_id} in {args.period} "
+            f"against commitment {stored}: {len(found)} mismatch(es) "
+            f"in {wrong} record(s)"
+        )
+        return 1 if found else 0
+
+    return run_async(with_pools(settings, body))

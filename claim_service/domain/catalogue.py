@@ -2,71 +2,44 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from claim_service.domain import periods
+from claim_service.domain.draws import Draw, parse_draw
+from claim_service.domain.fields import (
+    CONTROL_RE,
+    ID_RE,
+    MAX_STOCK,
+    TIME_RE,
+    TIMESTAMP_RE,
+    ConflictingFields,
+    as_integer,
+    check_id,
+    parse_timestamp,
+)
 from claim_service.errors import ValidationError
 
-# \Z, not $: "$" also matches before a trailing newline, and "video\n" is no id.
-ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
-TIME_RE = re.compile(r"^([01][0-9]|2[0-3]):([0-5][0-9])(?::([0-5][0-9]))?\Z")
-# An RFC 3339 date-time, offset included (the API's ``format: date-time``); [0-9], not \d,
-# which also matches other scripts' digits. The calendar is checked by ``fromisoformat``.
-TIMESTAMP_RE = re.compile(
-    r"([0-9]{4}-[0-9]{2}-[0-9]{2})[Tt]([0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?)"
-    r"([Zz]|[+-][0-9]{2}:[0-9]{2})\Z"
-)
-# Names and SKUs are shown to members and sent to partners; PostgreSQL rejects NUL outright.
-CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+__all__ = [
+    "CONTROL_RE",
+    "ID_RE",
+    "MAX_STOCK",
+    "TIMESTAMP_RE",
+    "ConflictingFields",
+    "as_integer",
+    "check_id",
+    "parse_timestamp",
+]
+
 KINDS = ("direct_charge", "card_key")
 ON_FAILURE = ("refund", "hold")
 MAX_TIER = 99
-MAX_STOCK = 1_000_000_000
 MAX_OPTIONS = 64
 MAX_QUOTA = 1000
 MAX_PRICE_POINTS = 1_000_000
-
-
-class ConflictingFields(ValidationError):
-    """Input of the documented shape whose fields contradict each other (a release closing
-    before it opens, an option id or a quota tier given twice): no schema can say so, so the
-    API answers 422 rather than 400."""
-
-
-def as_integer(value: Any) -> Any:
-    """``value`` as an ``int`` when it is a whole number written ``3.0`` (an integer to JSON
-    Schema, a float to the JSON parser); anything else unchanged, for the caller to check."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
-def parse_timestamp(text: Any, field: str) -> datetime:
-    """An RFC 3339 date-time with its offset (``2026-12-01T10:00:00+08:00``, ``…Z``), years
-    0001-9999, no leap second; ``ValidationError`` naming ``field`` otherwise."""
-    match = TIMESTAMP_RE.match(text) if isinstance(text, str) else None
-    if match is None:
-        raise ValidationError(
-            f"{field} must be an RFC 3339 timestamp with an offset, e.g. 2026-12-01T10:00:00+08:00",
-            field=field,
-        )
-    date, clock, offset = match.groups()
-    try:
-        return datetime.fromisoformat(f"{date}T{clock}{'+00:00' if offset in 'Zz' else offset}")
-    except ValueError as exc:
-        raise ValidationError(f"{field} is not a valid date and time", field=field) from exc
-
-
-def check_id(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not ID_RE.match(value):
-        raise ValidationError(
-            f"{what} must be 1-64 characters of letters, digits, '_', '.', '-'", field=what
-        )
-    return value
+MAX_CHOOSE = 16
 
 
 @dataclass(frozen=True)
@@ -172,6 +145,8 @@ class Benefit:
     on_failure: str = "refund"
     zone: str | None = None
     price_points: int = 0  # points a claim costs (0: free); an option may set its own
+    choose: int = 1  # options a claim may take at once (a bundle when above 1)
+    draw: Draw | None = None  # the prize is drawn (see ``draws``)
 
     def option(self, option_id: str) -> Option | None:
         for option in self.options:
@@ -215,6 +190,8 @@ class Benefit:
             "on_failure": self.on_failure,
             "version": self.version,
             "options": [o.to_json() for o in self.options],
+            "choose": self.choose,
+            "draw": self.draw.to_json() if self.draw else None,
         }
 
 
@@ -353,17 +330,40 @@ def parse_benefit(benefit_id: str, data: Any, tz: ZoneInfo, version: int = 0) ->
     price = 0
     if data.get("price_points") is not None:
         price = _int(data, "price_points", 0, MAX_PRICE_POINTS)
+    choose = 1
+    if data.get("choose") is not None:
+        choose = _int(data, "choose", 1, MAX_CHOOSE)
+        if choose > len(options):
+            raise ConflictingFields("choose is more than the benefit's options", field="choose")
+    release = parse_release(data.get("release"), tz)
+    draw = None
+    if data.get("draw") is not None:
+        draw = parse_draw(data["draw"], [o.option_id for o in options])
+        if choose > 1:
+            raise ConflictingFields("a draw benefit takes one prize per claim", field="choose")
+        if release.type == "once" and release.closes_at is None:
+            raise ConflictingFields(
+                "a draw needs a release that closes (its seed is revealed then)",
+                field="release.closes_at",
+            )
+        if any(o.price_points is not None for o in options):
+            raise ConflictingFields(
+                "a draw costs the benefit's price_points, not an option's",
+                field="options",
+            )
     return Benefit(
         benefit_id=benefit_id,
         name=_str(data, "name", 200) or benefit_id,
         min_tier=min_tier,
         quota=parse_quota(data.get("quota", 1), min_tier),
         stock_per_period=_int(data, "stock_per_period", 0, MAX_STOCK),
-        release=parse_release(data.get("release"), tz),
+        release=release,
         options=options,
         paused=paused,
         version=version,
         on_failure=on_failure,
         zone=zone,
         price_points=price,
+        choose=choose,
+        draw=draw,
     )

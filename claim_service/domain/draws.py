@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from claim_service.domain.catalogue import MAX_STOCK, ConflictingFields, as_integer, check_id
+from claim_service.domain.fields import MAX_STOCK, ConflictingFields, as_integer, check_id
 from claim_service.errors import ValidationError
 
 DRAW_TYPES = ("blind_box", "nine_grid", "lucky_bag")
@@ -75,6 +75,17 @@ class Draw:
 
     def prize(self, prize_id: str) -> Prize | None:
         return next((p for p in self.prizes if p.prize_id == prize_id), None)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "prizes": [p.to_json() for p in self.prizes],
+            "pity": (
+                {"after": self.pity.after, "prize_ids": list(self.pity.prize_ids)}
+                if self.pity
+                else None
+            ),
+        }
 
 
 def commitment(seed: bytes) -> str:
@@ -233,3 +244,72 @@ def verify(seed: bytes, records: Sequence[DrawRecord]) -> list[tuple[int, str | 
         if expected != record.prize_id:
             wrong.append((index, expected))
     return wrong
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """A recorded draw as ``verify-draws`` reads it (see ``store.draw_records``)."""
+
+    claim_id: str
+    record: DrawRecord
+    value: int
+    owed: bool
+    streak: int
+    seq: int
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    claim_id: str
+    what: str
+
+
+def audit(
+    seed: bytes, published: str, records: Sequence[AuditRecord], draw: Draw | None
+) -> list[Mismatch]:
+    """Everything that does not check out when the period's draws (in ``seq`` order) are
+    recomputed from ``seed``: the commitment, each draw's value and prize, the weights in
+    force against the prize table ``draw`` (when given), and each member's pity count."""
+    found = []
+    if commitment(seed) != published:
+        found.append(Mismatch("", "the seed's SHA-256 is not the published commitment"))
+    weights = {p.prize_id: p.weight for p in draw.prizes} if draw else {}
+    pity = draw.pity if draw else None
+    streaks: dict[str, int] = {}
+    for item in sorted(records, key=lambda r: r.seq):
+        record = item.record
+        value = draw_value(seed, record.user_id, record.request_id, record.nonce)
+        if value != item.value:
+            found.append(Mismatch(item.claim_id, f"value {item.value} recorded, {value} computed"))
+        expected = pick(value, record.weights)
+        if expected != record.prize_id:
+            found.append(
+                Mismatch(item.claim_id, f"prize {record.prize_id} recorded, {expected} computed")
+            )
+        if draw is not None:
+            for prize_id, weight in record.weights:
+                if weights.get(prize_id) != weight:
+                    found.append(
+                        Mismatch(
+                            item.claim_id,
+                            f"weight {weight} of {prize_id} is not the published "
+                            f"{weights.get(prize_id)}",
+                        )
+                    )
+        if pity is None:
+            continue
+        before = streaks.get(record.user_id, 0)
+        restricted = all(p in pity.prize_ids for p, _ in record.weights)
+        if item.owed and (before + 1 < pity.after or not restricted):
+            found.append(Mismatch(item.claim_id, "drawn as owed the pity prize, but was not"))
+        if (
+            not item.owed
+            and before + 1 >= pity.after
+            and any(p in pity.prize_ids for p, _ in record.weights)
+        ):
+            found.append(Mismatch(item.claim_id, "owed the pity prize, but drawn among all"))
+        after = 0 if record.prize_id in pity.prize_ids else before + 1
+        if after != item.streak:
+            found.append(Mismatch(item.claim_id, f"streak {item.streak} recorded, {after} due"))
+        streaks[record.user_id] = after
+    return found

@@ -1,5 +1,7 @@
 """Compensation: a failed claim gives its stock unit, the member's quota and the points it
-cost back, once.
+cost back, once. Each option of a bundle is refunded on its own (its option's unit, code and
+points); the bundle's unit and quota come back with the last of them. A draw gives its
+prize's unit back too.
 
 The Redis side (``refund.lua``) is guarded by a per-period set of refunded claim ids and the
 PostgreSQL side by the ``failed -> refunded`` transition, taken while the claim row is locked;
@@ -36,9 +38,11 @@ SWEEP_LIMIT = 200
 async def _locked_claim(conn: Any, claim_id: str) -> Any:
     return await conn.fetchrow(
         """SELECT c.claim_id, c.user_id, c.benefit_id, c.option_id, c.period, c.status,
-                  c.code_id, c.failure_reason, c.code_expiry_ms, o.kind
+                  c.code_id, c.failure_reason, c.code_expiry_ms, o.kind, c.bundle_id,
+                  c.bundle_size, d.prize_id
            FROM claims c LEFT JOIN benefit_options o
                 ON o.benefit_id = c.benefit_id AND o.option_id = c.option_id
+                LEFT JOIN draws d ON d.claim_id = c.claim_id
            WHERE c.claim_id = $1 FOR UPDATE OF c""",
         claim_id,
     )
@@ -68,6 +72,9 @@ async def _refund_in_redis(redis: Redis, row: asyncpg.Record, points: str) -> tu
             PERIOD_KEY_TTL_S,
             row["code_expiry_ms"] or 0,
             points,
+            row["bundle_id"] or "",
+            row["bundle_size"],
+            row.get("prize_id") or "",
         ],
     )
     done = int(reply[0])

@@ -33,8 +33,8 @@ from claim_service.fulfilment.partners import (
     query_order,
     send_order,
 )
-from claim_service.fulfilment.vault import Vault
 from claim_service.store.claim_states import transition
+from claim_service.store.vault import Vault
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import orjson
 from claim_service.domain.catalogue import as_integer, check_id
 from claim_service.errors import NotFoundError, ValidationError
 from claim_service.fulfilment.signing import IDEMPOTENCY_HEADER, signed_headers
-from claim_service.fulfilment.vault import Vault, partner_context
+from claim_service.store.vault import Vault, partner_context
 
 log = logging.getLogger(__name__)
 

@@ -32,10 +32,10 @@ from claim_service.errors import (
     NotFoundError,
     ValidationError,
 )
-from claim_service.fulfilment.vault import Vault, code_context
 from claim_service.store.keyspace import BenefitKeys, Scripts, code_bucket
 from claim_service.store.recovery import benefit_lock
 from claim_service.store.stock_events import announce
+from claim_service.store.vault import Vault, code_context
 
 log = logging.getLogger(__name__)
 

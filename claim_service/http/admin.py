@@ -66,7 +66,13 @@ async def put_benefit(request: web.Request) -> web.Response:
     existed = await app[PG].fetchval("SELECT 1 FROM benefits WHERE benefit_id = $1", benefit_id)
     saved = await catalogue_store.save_benefit(app[PG], benefit)
     await catalogue_store.push_benefit(app[REDIS], saved)
-    await app[ENGINE].benefit(benefit_id, refresh=True)
+    engine = app[ENGINE]
+    await engine.benefit(benefit_id, refresh=True)
+    if saved.draw is not None and engine.seeds is not None:
+        # Commit to the seeds now, before the opening: their hashes are published from here.
+        current = engine.current_period(saved)
+        for period in (current, periods.next_period(current)):
+            await engine.seeds.commitment(benefit_id, period)
     return json_response(saved.to_json(), 200 if existed else 201)
 
 

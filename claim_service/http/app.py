@@ -25,10 +25,10 @@ from claim_service.errors import (
     NotFoundError,
     ValidationError,
 )
-from claim_service.fulfilment.vault import Vault, VaultError
 from claim_service.http.auth import AuthError, TokenVerifier
 from claim_service.http.limits import ClaimLimits
 from claim_service.http.server import RequestBodyTimeout
+from claim_service.store.vault import Vault, VaultError
 
 log = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ from importlib import resources
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from redis.exceptions import RedisError
@@ -20,7 +21,7 @@ from claim_service.claims.engine import MAX_ACCOUNT, MAX_REQUEST_ID
 from claim_service.claims.records import find_claim, format_time, member_claims
 from claim_service.claims.views import member_listing
 from claim_service.domain import periods
-from claim_service.domain.catalogue import ID_RE
+from claim_service.domain.catalogue import ID_RE, MAX_CHOOSE
 from claim_service.errors import BackendUnavailable, NotFoundError, ValidationError
 from claim_service.fulfilment.vouchers import reveal
 from claim_service.http.app import (
@@ -36,6 +37,7 @@ from claim_service.http.app import (
     read_json,
 )
 from claim_service.http.auth import bearer
+from claim_service.http.draws import claim_parts, claim_proof, parse_pick
 from claim_service.http.limits import retry_after
 
 READY_TIMEOUT_S = 2.0
@@ -69,6 +71,7 @@ def _benefit_id(request: web.Request) -> str:
 
 
 def parse_claim_body(data: dict[str, Any]) -> tuple[str, str | None, str]:
+    """request_id, option_id (None: not given) and account of a claim's body."""
     request_id = data.get("request_id")
     if (
         not isinstance(request_id, str)
@@ -98,6 +101,22 @@ def parse_claim_body(data: dict[str, Any]) -> tuple[str, str | None, str]:
             field="account",
         )
     return request_id, option_id, account
+
+
+def parse_option_ids(data: dict[str, Any]) -> tuple[str, ...]:
+    """A bundle's chosen options (``option_ids``; empty when not given)."""
+    chosen = data.get("option_ids")
+    if chosen is None:
+        return ()
+    if (
+        not isinstance(chosen, list)
+        or not 0 < len(chosen) <= MAX_CHOOSE
+        or not all(isinstance(o, str) for o in chosen)
+    ):
+        raise ValidationError(
+            f"option_ids must be a list of 1..{MAX_CHOOSE} option ids", field="option_ids"
+        )
+    return tuple(chosen)
 
 
 async def post_claim(request: web.Request) -> web.Response:
@@ -132,11 +151,13 @@ async def _claim(request: web.Request, user_id: str) -> web.Response:
     benefit_id = _benefit_id(request)
     data = await read_json(request, request.app[SETTINGS].max_body_bytes)
     request_id, option_id, account = parse_claim_body(data)
+    option_ids, pick = parse_option_ids(data), parse_pick(data)
     engine = request.app[ENGINE]
-    if option_id is None:  # omitted or null: the benefit's only option
-        benefit = await engine.benefit(benefit_id)
-        if benefit is None:
-            raise NotFoundError("unknown_benefit", f"no benefit {benefit_id!r}")
+    benefit = await engine.benefit(benefit_id)
+    if benefit is None:
+        raise NotFoundError("unknown_benefit", f"no benefit {benefit_id!r}")
+    if option_id is None and not option_ids and benefit.draw is None:
+        # omitted or null: the benefit's only option
         choices = [option.option_id for option in benefit.options]
         if len(choices) != 1:
             # The body is well formed; the benefit's options decide that one must be named.
@@ -149,8 +170,15 @@ async def _claim(request: web.Request, user_id: str) -> web.Response:
                 options=choices,
             )
         option_id = choices[0]
-    decision = await engine.claim(ClaimRequest(benefit_id, user_id, request_id, option_id, account))
-    return decision_response(decision, request.app[SETTINGS].tz)
+    decision = await engine.claim(
+        ClaimRequest(benefit_id, user_id, request_id, option_id, account, option_ids)
+    )
+    response = decision_response(decision, request.app[SETTINGS].tz)
+    if decision.accepted and (decision.draw is not None or len(decision.options) > 1):
+        extra = claim_parts(await engine.benefit(benefit_id), decision, pick)
+        body = orjson.loads(response.body)  # type: ignore[arg-type]
+        return json_response({**body, **extra}, response.status)
+    return response
 
 
 # Answers that are the same for every member (not open, sold out), encoded once: the bodies
@@ -243,7 +271,7 @@ async def get_claim(request: web.Request) -> web.Response:
         voucher = await reveal(app[PG], app[VAULT], claim["claim_id"])
         if voucher is not None:
             claim["voucher"] = voucher
-    return json_response(claim)
+    return json_response({**claim, **await claim_proof(app, claim)})
 
 
 async def list_my_claims(request: web.Request) -> web.Response:

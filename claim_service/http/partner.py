@@ -17,7 +17,6 @@ from claim_service.errors import NotFoundError, ValidationError
 from claim_service.fulfilment import compensation, partners, vouchers
 from claim_service.fulfilment.outcomes import apply_callback
 from claim_service.fulfilment.signing import SignatureError, check_signature, signature_headers
-from claim_service.fulfilment.vault import Vault
 from claim_service.http.app import (
     PG,
     REDIS,
@@ -32,6 +31,7 @@ from claim_service.http.app import (
 )
 from claim_service.http.auth import AuthError, check_admin
 from claim_service.store.claim_states import events
+from claim_service.store.vault import Vault
 
 CALLBACK_STATUSES = ("success", "failed", "processing")
 MAX_CODES_PER_CALL = 100_000

@@ -12,8 +12,7 @@ from redis.asyncio import Redis
 
 from claim_service.claims.engine import ClaimEngine
 from claim_service.config import Settings
-from claim_service.fulfilment.vault import Vault
-from claim_service.http import admin, member, partner, points
+from claim_service.http import admin, draws, member, partner, points
 from claim_service.http.app import (
     ENGINE,
     HANDLER_ARGS,
@@ -29,6 +28,7 @@ from claim_service.http.auth import TokenVerifier
 from claim_service.http.limits import ClaimLimits
 from claim_service.store.connections import create_pg_pool, create_redis
 from claim_service.store.recovery import Recovery
+from claim_service.store.vault import Vault
 
 
 def create_app(
@@ -76,6 +76,7 @@ def create_app(
     app.cleanup_ctx.append(resources)
     member.add_routes(app)
     points.add_routes(app)
+    draws.add_routes(app)
     partner.add_routes(app)
     return app
 

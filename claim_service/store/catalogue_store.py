@@ -45,6 +45,16 @@ def config_fields(benefit: Benefit) -> dict[str, str | int]:
             fields["pts:" + option.option_id] = price
     if benefit.priced:
         fields["priced"] = 1
+    if benefit.draw is not None:
+        # "prize_id:weight:stock:option_id,..." in published order (stock -1: unlimited)
+        fields["prizes"] = ",".join(
+            f"{p.prize_id}:{p.weight}:{-1 if p.stock is None else p.stock}:{p.option_id}"
+            for p in benefit.draw.prizes
+        )
+        pity = benefit.draw.pity
+        if pity is not None:
+            fields["pity"] = f"{pity.after}:" + ",".join(pity.prize_ids)
+        fields["dprice"] = benefit.price_points
     return fields
 
 
@@ -75,14 +85,16 @@ async def save_benefit(pool: asyncpg.Pool, benefit: Benefit) -> Benefit:
     async with pool.acquire() as conn, conn.transaction():
         version = await conn.fetchval(
             """INSERT INTO benefits (benefit_id, name, min_tier, quota, stock_per_period,
-                                     release, paused, on_failure, zone, price_points)
-               VALUES ($1, $2, $3, $4::jsonb, $5, $6::jsonb, $7, $8, $9, $10)
+                                     release, paused, on_failure, zone, price_points,
+                                     choose, draw)
+               VALUES ($1, $2, $3, $4::jsonb, $5, $6::jsonb, $7, $8, $9, $10, $11, $12::jsonb)
                ON CONFLICT (benefit_id) DO UPDATE SET
                    name = EXCLUDED.name, min_tier = EXCLUDED.min_tier,
                    quota = EXCLUDED.quota, stock_per_period = EXCLUDED.stock_per_period,
                    release = EXCLUDED.release, paused = EXCLUDED.paused,
                    on_failure = EXCLUDED.on_failure, zone = EXCLUDED.zone,
-                   price_points = EXCLUDED.price_points,
+                   price_points = EXCLUDED.price_points, choose = EXCLUDED.choose,
+                   draw = EXCLUDED.draw,
                    version = benefits.version + 1, updated_at = now()
                RETURNING version""",
             benefit.benefit_id,
@@ -95,6 +107,8 @@ async def save_benefit(pool: asyncpg.Pool, benefit: Benefit) -> Benefit:
             benefit.on_failure,
             benefit.zone,
             benefit.price_points,
+            benefit.choose,
+            orjson.dumps(benefit.draw.to_json()).decode() if benefit.draw else None,
         )
         await conn.execute("DELETE FROM benefit_options WHERE benefit_id = $1", benefit.benefit_id)
         await conn.executemany(
@@ -145,6 +159,8 @@ async def load_benefits(
             "on_failure": row["on_failure"],
             "zone": row["zone"],
             "price_points": row["price_points"],
+            "choose": row["choose"],
+            "draw": orjson.loads(row["draw"]) if row["draw"] else None,
             "options": orjson.loads(row["options"]),
         }
         benefits.append(parse_benefit(row["benefit_id"], data, tz, version=row["version"]))

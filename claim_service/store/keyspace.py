@@ -125,6 +125,10 @@ class BenefitKeys:
     def idempotency(self, period: str) -> str:
         return f"{PREFIX}:{self.tag}:idem:{period}"
 
+    def pity(self, period: str) -> str:
+        """A draw's members: draws in a row without a pity prize (see ``claim.lua``)."""
+        return f"{PREFIX}:{self.tag}:pity:{period}"
+
     def claim_keys(self, period: str, previous: str | None, tiers_period: str) -> list[str]:
         """KEYS for ``claim.lua``, in the order the script expects. ``previous`` is the period
         whose idempotency keys a retry may still match (none for a one-off release);
@@ -143,6 +147,7 @@ class BenefitKeys:
             self.idempotency(previous or period),
             POINTS_KEY,
             POINTS_LIVE_KEY,
+            self.pity(period),
         ]
 
     def refund_keys(self, period: str) -> list[str]:

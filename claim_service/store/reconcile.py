@@ -3,8 +3,8 @@ touching a live benefit.
 
 The truth is what recovery would write: PostgreSQL united with the stream's not yet
 persisted claims (``Snapshot.expected_counters``). Compared, per benefit and period: stock
-taken (in all and per option), top-ups (``added``), each member's quota use, the
-idempotency keys (missing, extra, or naming another claim) and each card-key option's free
+taken (in all, per option and per prize of a draw), top-ups (``added``), each member's quota
+use, the idempotency keys (missing, extra, or naming another claim) and each card-key option's free
 codes (summed over its unexpired buckets). The points mirror is compared member by member
 with the ledger less the points spent in Redis and not yet recorded (``points_drift``).
 
@@ -197,6 +197,9 @@ def compare(benefit_id: str, before: Snapshot, seen: Observed, after: Snapshot) 
     for name in sorted(names):
         bounds = [v.stock.get(name, 0) for v in views]
         count("option_taken", name.removeprefix("taken:"), seen.stock.get(name, 0), bounds)
+    for name in sorted(n for n in (*seen.stock, *views[1].stock) if n.startswith("prize:")):
+        bounds = [v.stock.get(name, 0) for v in views]
+        count("prize_taken", name.removeprefix("prize:"), seen.stock.get(name, 0), bounds)
     for member in sorted({*seen.used, *scans[1].used}):
         bounds = [v.used.get(member, 0) for v in scans]
         count("quota", member, seen.used.get(member, 0), bounds)

@@ -162,6 +162,7 @@ class Recovery:
         await self._restore(keys.stock(period), "replace", stock_pairs, keep_max="added")
         await self._restore(keys.used(period), "replace", list(expected.used.items()))
         await self._restore(keys.idempotency(period), "replace", list(expected.idem))
+        await self._restore(keys.pity(period), "replace", list(expected.pity.items()))
         refunded = expected.refunded
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(keys.refunded(period))
@@ -242,7 +243,8 @@ class Recovery:
             # reaches PostgreSQL only after Redis accepted it, so read in this order a Redis
             # that did not go back in time always has at least as many.
             persisted = await self.pool.fetchval(
-                "SELECT count(*) FROM claims WHERE benefit_id = $1 AND period = $2",
+                """SELECT count(*) FROM claims
+                   WHERE benefit_id = $1 AND period = $2 AND bundle_item = 0""",
                 benefit.benefit_id,
                 period,
             )

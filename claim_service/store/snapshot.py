@@ -28,18 +28,29 @@ class ClaimRecord:
     created_ms: int
     status: str
     code_expiry_ms: int | None
+    bundle_id: str | None = None  # the bundle's claim id (an option of a bundle)
+    bundle_item: int = 0
+    prize_id: str | None = None  # a draw's prize
+    streak: int = 0  # a draw's: the member's draws in a row without a pity prize, after it
+    seq: int = 0  # a draw's number in the period
+
+    @property
+    def group(self) -> str:
+        """The claim the member was answered: a bundle's options share it."""
+        return self.bundle_id or self.claim_id
 
 
 @dataclass
 class Counters:
     """What Redis must hold for one benefit: the period's counters, and the free codes."""
 
-    stock: dict[str, int]  # taken, taken:<option_id>, accepted, added
+    stock: dict[str, int]  # taken, taken:<option_id>, prize:<prize_id>, accepted, added
     used: dict[str, int]  # member -> units held this period
     idem: list[tuple[str, str]]  # idempotency field -> "claim_id|option_id|tier|created_ms"
     refunded: list[str]  # claim ids refunded this period
     codes: dict[tuple[str, int], int]  # (option_id, expiry_ms or 0) -> free codes
     previous_idem: list[tuple[str, str]]  # the previous period's idempotency keys
+    pity: dict[str, int]  # member -> draws in a row without a pity prize (this period)
 
 
 @dataclass
@@ -53,35 +64,59 @@ class Snapshot:
 
     @property
     def claims_in_period(self) -> int:
-        return sum(1 for c in self.claims if c.period == self.period)
+        return len({c.group for c in self.claims if c.period == self.period})
 
     def expected_counters(self) -> Counters:
         """The exact counters these claims make: a refunded claim keeps its idempotency key
-        (a retry still finds it) but holds no unit, quota or code."""
+        (a retry still finds it) but holds no unit, quota or code. A bundle holds its unit
+        and the member's quota while any of its options is not refunded."""
         current = [c for c in self.claims if c.period == self.period]
         live = [c for c in current if c.status != "refunded"]
-        stock: Counter[str] = Counter({"taken": len(live), "accepted": len(current)})
+        live_groups = {c.group: c.user_id for c in live}
+        stock: Counter[str] = Counter(
+            {"taken": len(live_groups), "accepted": len({c.group for c in current})}
+        )
         for claim in live:
             stock["taken:" + claim.option_id] += 1
+            if claim.prize_id is not None:
+                stock["prize:" + claim.prize_id] += 1
+        latest: dict[str, ClaimRecord] = {}
+        for claim in current:
+            held = latest.get(claim.user_id)
+            if claim.prize_id is not None and (held is None or claim.seq > held.seq):
+                latest[claim.user_id] = claim
         earlier = [c for c in self.claims if self.previous and c.period == self.previous]
         return Counters(
             stock={**stock, "added": self.added},
-            used=dict(Counter(c.user_id for c in live)),
+            used=dict(Counter(live_groups.values())),
             idem=idem_pairs(current),
             refunded=[c.claim_id for c in current if c.status == "refunded"],
             codes={bucket: max(count, 0) for bucket, count in self.codes.items()},
             previous_idem=idem_pairs(earlier),
+            pity={user: claim.streak for user, claim in latest.items()},
         )
 
 
 def idem_pairs(claims: Iterable[ClaimRecord]) -> list[tuple[str, str]]:
-    return [
-        (
-            idem_field(c.user_id, c.request_id),
-            f"{c.claim_id}|{c.option_id}|{c.tier}|{c.created_ms}",
+    """The idempotency keys of these claims, one per claim answered (a bundle's: its
+    options joined by "," in order; a draw's: "option_id/prize_id")."""
+    groups: dict[str, list[ClaimRecord]] = {}
+    for claim in claims:
+        groups.setdefault(claim.group, []).append(claim)
+    pairs = []
+    for group, items in groups.items():
+        items.sort(key=lambda c: c.bundle_item)
+        first = items[0]
+        taken = ",".join(c.option_id for c in items)
+        if first.prize_id is not None:
+            taken = f"{first.option_id}/{first.prize_id}"
+        pairs.append(
+            (
+                idem_field(first.user_id, first.request_id),
+                f"{group}|{taken}|{first.tier}|{first.created_ms}",
+            )
         )
-        for c in claims
-    ]
+    return pairs
 
 
 async def stream_claims(redis: Redis, stream: str) -> list[ClaimRecord]:
@@ -112,6 +147,11 @@ def entry_claim(fields: dict[str, str]) -> ClaimRecord | None:
             int(fields["ts"]),
             "accepted",
             int(expiry) if expiry else None,
+            fields.get("g") or None,
+            int(fields.get("gi", "0")),
+            fields.get("dz") or None,
+            int(fields.get("ds", "0")),
+            int(fields.get("dq", "0")),
         )
     except (KeyError, ValueError):
         return None  # malformed: the writer dead-letters it
@@ -130,10 +170,11 @@ async def read_snapshot(
     periods_wanted = [period] if previous is None else [period, previous]
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
         rows = await conn.fetch(
-            """SELECT claim_id, user_id, request_id, option_id, period, tier, status,
-                      (extract(epoch FROM created_at) * 1000)::bigint AS created_ms,
-                      code_expiry_ms
-               FROM claims WHERE benefit_id = $1 AND period = ANY($2::text[])""",
+            """SELECT c.claim_id, c.user_id, c.request_id, c.option_id, c.period, c.tier,
+                      c.status, (extract(epoch FROM c.created_at) * 1000)::bigint AS created_ms,
+                      c.code_expiry_ms, c.bundle_id, c.bundle_item, d.prize_id, d.streak, d.seq
+               FROM claims c LEFT JOIN draws d USING (claim_id)
+               WHERE c.benefit_id = $1 AND c.period = ANY($2::text[])""",
             benefit_id,
             periods_wanted,
         )
@@ -179,6 +220,11 @@ async def read_snapshot(
             r["created_ms"],
             r["status"],
             r["code_expiry_ms"],
+            r["bundle_id"],
+            r["bundle_item"],
+            r["prize_id"],
+            r["streak"] or 0,
+            r["seq"] or 0,
         )
         for r in rows
     }

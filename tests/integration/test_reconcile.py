@@ -27,13 +27,13 @@ from claim_service.domain import periods
 from claim_service.domain.catalogue import Benefit, parse_benefit
 from claim_service.errors import BackendUnavailable
 from claim_service.fulfilment.compensation import refund
-from claim_service.fulfilment.vault import Vault
 from claim_service.fulfilment.vouchers import CodeRow, load_codes
 from claim_service.store import catalogue_store, reconcile
 from claim_service.store.keyspace import BenefitKeys, code_bucket, idem_field, text
 from claim_service.store.reconcile import Drift, Reconciler
 from claim_service.store.recovery import Recovery
 from claim_service.store.tiers import save_tiers
+from claim_service.store.vault import Vault
 from tests.helpers import benefit_body, direct, drain, fast, wait_for
 
 OPTIONS = [direct("iqiyi"), {"option_id": "youku", "kind": "card_key"}]

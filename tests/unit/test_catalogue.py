@@ -114,3 +114,44 @@ def test_calendar_bounds_and_shift() -> None:
     shifted = periods.Calendar(SHANGHAI, shift_ms=1000)
     assert shifted.period_at(end - 1000) == "2027-01"
     assert periods.previous_period("2027-01") == "2026-12"
+
+
+def _options(*ids: str) -> list[dict[str, object]]:
+    return [{"option_id": o, "kind": "direct_charge", "partner": "p", "sku": "s"} for o in ids]
+
+
+def test_bundles_choose_up_to_their_options() -> None:
+    benefit = parse_benefit("pack", body(options=_options("a", "b", "c"), choose=2), SHANGHAI)
+    assert benefit.choose == 2 and benefit.to_json()["choose"] == 2
+    assert parse_benefit("one", body(), SHANGHAI).choose == 1
+    with pytest.raises(ValidationError, match="choose is more than"):
+        parse_benefit("pack", body(options=_options("a", "b"), choose=3), SHANGHAI)
+    with pytest.raises(ValidationError, match="choose"):
+        parse_benefit("pack", body(options=_options("a", "b"), choose=0), SHANGHAI)
+
+
+def test_draw_benefits_round_trip_and_refuse_contradictions() -> None:
+    draw = {
+        "type": "nine_grid",
+        "prizes": [
+            {"prize_id": "gold", "weight": 1, "stock": 1, "option_id": "a"},
+            {"prize_id": "thanks", "weight": 99, "option_id": "b"},
+        ],
+        "pity": {"after": 5, "prize_ids": ["gold"]},
+    }
+    benefit = parse_benefit("box", body(options=_options("a", "b"), draw=draw), SHANGHAI)
+    again = parse_benefit("box", benefit.to_json(), SHANGHAI)
+    assert again.draw == benefit.draw and benefit.draw is not None
+    assert benefit.draw.prize("thanks") is not None and benefit.draw.pity is not None
+    with pytest.raises(ValidationError, match="one prize per claim"):
+        parse_benefit("box", body(options=_options("a", "b"), draw=draw, choose=2), SHANGHAI)
+    once = {"type": "once", "opens_at": "2026-12-10T10:00:00+08:00"}
+    with pytest.raises(ValidationError, match="a draw needs a release that closes"):
+        parse_benefit("box", body(options=_options("a", "b"), draw=draw, release=once), SHANGHAI)
+    priced = _options("a", "b")
+    priced[0]["price_points"] = 3
+    with pytest.raises(ValidationError, match="price_points"):
+        parse_benefit("box", body(options=priced, draw=draw), SHANGHAI)
+    elsewhere = {**draw, "prizes": [{"prize_id": "x", "weight": 1, "option_id": "zzz"}]}
+    with pytest.raises(ValidationError, match="names no option"):
+        parse_benefit("box", body(options=_options("a"), draw=elsewhere), SHANGHAI)

@@ -13,11 +13,13 @@ import pytest
 
 from claim_service.domain.draws import (
     VALUE_RANGE,
+    AuditRecord,
     Draw,
     DrawRecord,
     Pity,
     PityCounter,
     Prize,
+    audit,
     candidates,
     commitment,
     draw_value,
@@ -174,3 +176,77 @@ def test_verification_recomputes_every_draw_and_finds_an_altered_record() -> Non
     altered[first_b] = replace(records[first_b], prize_id="a")
     assert verify(SEED, altered) == [(first_b, "b")]
     assert verify(hashlib.sha256(b"another seed").digest(), records) != []
+
+
+def _audited(draw: Draw, members: int, draws: int) -> list[AuditRecord]:
+    """Records made the way ``claim.lua`` makes them: in-stock candidates, pity, streaks."""
+    left = {p.prize_id: p.stock for p in draw.prizes}
+    counters: dict[str, PityCounter] = {}
+    records = []
+    seq = 0
+    for n in range(draws):
+        for i in range(members):
+            counter = counters.setdefault(f"m{i}", PityCounter(draw.pity))
+            weighted = tuple(candidates(draw, left, owed_pity=counter.owed))
+            owed = counter.owed and all(
+                p in (draw.pity.prize_ids if draw.pity else ()) for p, _ in weighted
+            )
+            value = draw_value(SEED, f"m{i}", f"r{n}", 0)
+            prize = pick(value, weighted)
+            assert prize is not None
+            if left[prize] is not None:
+                left[prize] = (left[prize] or 0) - 1
+            counter.record(prize)
+            seq += 1
+            records.append(
+                AuditRecord(
+                    f"c{seq}",
+                    DrawRecord(f"m{i}", f"r{n}", 0, weighted, prize),
+                    value,
+                    owed,
+                    counter.streak,
+                    seq,
+                )
+            )
+    return records
+
+
+def test_the_audit_checks_commitment_values_weights_and_pity_chains() -> None:
+    draw = Draw(
+        "nine_grid",
+        (
+            Prize("a", "A", 1, 3, "o"),
+            Prize("b", "B", 10, None, "o"),
+            Prize("c", "C", 89, None, "o"),
+        ),
+        Pity(3, ("a", "b")),
+    )
+    records = _audited(draw, members=5, draws=12)
+    assert any(r.owed for r in records)
+    published = commitment(SEED)
+    assert audit(SEED, published, records, draw) == []
+    assert [m.what for m in audit(SEED, "0" * 64, records, draw)] == [
+        "the seed's SHA-256 is not the published commitment"
+    ]
+    # A prize's weight in force that is not the published one.
+    first = records[0]
+    heavier = replace(
+        first,
+        record=replace(first.record, weights=tuple((p, w * 2) for p, w in first.record.weights)),
+    )
+    found = audit(SEED, published, [heavier, *records[1:]], draw)
+    assert {m.claim_id for m in found} == {first.claim_id}
+    # A member owed the pity prize who was drawn among all prizes (and a streak not reset).
+    owed_at = next(i for i, r in enumerate(records) if r.owed)
+    owed = records[owed_at]
+    unrestricted = replace(
+        owed,
+        owed=False,
+        record=replace(owed.record, weights=tuple((p.prize_id, p.weight) for p in draw.prizes)),
+    )
+    tampered = [*records[:owed_at], unrestricted, *records[owed_at + 1 :]]
+    assert owed.claim_id in {m.claim_id for m in audit(SEED, published, tampered, draw)}
+    # A recorded value that is not the HMAC of the inputs.
+    wrong_value = replace(records[5], value=records[5].value + 1)
+    found = audit(SEED, published, [*records[:5], wrong_value, *records[6:]], draw)
+    assert any(m.claim_id == wrong_value.claim_id and "value" in m.what for m in found)

@@ -1,0 +1,69 @@
+"""What a claim asks ``claim.lua`` to take, checked against the benefit: one option, a
+bundle's options (``choose: k``), or nothing for a draw; and how a decision's reply says
+what was taken."""
+
+from __future__ import annotations
+
+from claim_service.claims.decisions import ACCEPTED, ClaimRequest, DrawResult
+from claim_service.domain.catalogue import ID_RE, Benefit
+from claim_service.errors import NotFoundError, ValidationError
+
+
+def requested_options(benefit: Benefit, request: ClaimRequest) -> str:
+    """What ``claim.lua`` is asked to take: one option id, a bundle's ids joined by ","
+    or, for a draw, nothing (the prize decides)."""
+    chosen = request.option_ids
+    if request.option_id is not None:
+        if chosen:
+            raise ValidationError("give option_id or option_ids, not both", field="option_ids")
+        chosen = (request.option_id,)
+    if benefit.draw is not None:
+        if chosen:
+            raise ValidationError("a draw benefit draws its prize: no option_id", field="option_id")
+        return ""
+    if not chosen:
+        if len(benefit.options) != 1:
+            choices = ", ".join(o.option_id for o in benefit.options)
+            raise ValidationError(
+                f"option_id is required for this benefit (one of: {choices})",
+                field="option_id",
+            )
+        return benefit.options[0].option_id
+    if len(chosen) > benefit.choose:
+        raise ValidationError(
+            f"this benefit takes at most {benefit.choose} option(s) per claim",
+            field="option_ids",
+        )
+    if len(set(chosen)) != len(chosen):
+        raise ValidationError("option_ids must be distinct", field="option_ids")
+    for option_id in chosen:
+        if not isinstance(option_id, str) or not ID_RE.match(option_id):
+            raise NotFoundError("unknown_option", f"benefit has no option {option_id!r}")
+    return ",".join(chosen)
+
+
+def taken_of(
+    code: str, taken: str, detail: str, value: int | None
+) -> tuple[str, tuple[str, ...], DrawResult | None]:
+    """(option_id, options, draw) from ``claim.lua``'s options and detail values: the option
+    taken or refused (a bundle's first), every option taken, and a draw's result."""
+    option_ids, _, prize_id = taken.partition("/")
+    options = tuple(option_ids.split(",")) if code in ACCEPTED else ()
+    draw = None
+    if detail:  # a draw decided now: "prize_id|weights|owed|streak|seq"
+        prize_id, weights, owed, streak, seq = detail.split("|")
+        pairs = tuple(
+            (name, int(weight))
+            for name, _, weight in (w.rpartition(":") for w in weights.split(","))
+        )
+        draw = DrawResult(prize_id, 0, value, pairs, owed == "1", int(streak), int(seq))
+    elif prize_id and code in ACCEPTED:
+        draw = DrawResult(prize_id)
+    return option_ids.split(",")[0], options, draw
+
+
+def price_of(benefit: Benefit, options: str) -> int:
+    """The points a claim of ``options`` costs."""
+    if benefit.draw is not None:
+        return benefit.price_points
+    return sum(benefit.price_of(o) for o in options.split(",") if o)

@@ -1,0 +1,85 @@
+"""The secret seeds of draws: one per benefit and period, made once and never replaced.
+
+A seed is 32 random bytes, sealed at rest (AES-256-GCM under ``CLAIM_CODES_KEY``, see
+``vault``); its SHA-256 (the commitment) is public from the moment it exists. The first seed
+stored for a benefit and period wins (``INSERT … ON CONFLICT DO NOTHING``, then read back),
+so every process draws with the same one whoever made it. Seeds are cached per process.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import asyncpg
+
+from claim_service.domain.draws import commitment
+from claim_service.errors import BackendUnavailable
+from claim_service.store.vault import Vault, VaultError
+
+SEED_BYTES = 32
+CACHE_MAX = 10_000
+
+
+def seed_context(benefit_id: str, period: str) -> str:
+    return f"drawseed:{benefit_id}/{period}"
+
+
+class DrawSeeds:
+    def __init__(self, pool: asyncpg.Pool, codes_key: str) -> None:
+        self.pool = pool
+        self.vault = Vault(codes_key)
+        self._cache: dict[tuple[str, str], tuple[bytes, str]] = {}
+
+    async def seed(self, benefit_id: str, period: str) -> bytes:
+        """The period's seed, made now if there is none yet."""
+        return (await self._get(benefit_id, period, create=True))[0]
+
+    async def commitment(self, benefit_id: str, period: str, *, create: bool = True) -> str | None:
+        """The published SHA-256 of the period's seed (None: no seed and ``create`` is off)."""
+        found = await self._get(benefit_id, period, create=create)
+        return found[1] if found[0] else None
+
+    async def _get(self, benefit_id: str, period: str, *, create: bool) -> tuple[bytes, str]:
+        key = (benefit_id, period)
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        context = seed_context(benefit_id, period)
+        try:
+            row = await self.pool.fetchrow(
+                "SELECT sealed, commitment FROM draw_seeds WHERE benefit_id = $1 AND period = $2",
+                benefit_id,
+                period,
+            )
+            if row is None and not create:
+                return b"", ""
+            if row is None:
+                fresh = secrets.token_bytes(SEED_BYTES)
+                row = await self.pool.fetchrow(
+                    """WITH made AS (
+                           INSERT INTO draw_seeds (benefit_id, period, sealed, commitment)
+                           VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING
+                           RETURNING sealed, commitment)
+                       SELECT sealed, commitment FROM made
+                       UNION ALL
+                       SELECT sealed, commitment FROM draw_seeds
+                       WHERE benefit_id = $1 AND period = $2""",
+                    benefit_id,
+                    period,
+                    self.vault.seal(fresh.hex(), context),
+                    commitment(fresh),
+                )
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            raise BackendUnavailable("PostgreSQL is unavailable") from exc
+        if row is None:  # made by another process between the two statements' snapshots
+            return await self._get(benefit_id, period, create=create)
+        try:
+            seed = bytes.fromhex(self.vault.open(row["sealed"], context))
+        except VaultError as exc:
+            raise BackendUnavailable(
+                "the draw's seed cannot be opened with this CLAIM_CODES_KEY"
+            ) from exc
+        if len(self._cache) >= CACHE_MAX:
+            self._cache.clear()
+        self._cache[key] = (seed, row["commitment"])
+        return seed, row["commitment"]

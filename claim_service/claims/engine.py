@@ -243,6 +243,8 @@ class ClaimEngine:
                 if self.seeds is None:
                     raise BackendUnavailable("draws need PostgreSQL (their seeds live there)")
                 seed = await self.seeds.seed(benefit_id, span.period)
+                if not benefit.release.fixed_period:  # committed to long before it opens
+                    await self.seeds.commitment(benefit_id, periods.next_period(span.period))
             argv: list[Any] = [
                 benefit.version,
                 span.period,

@@ -16,9 +16,14 @@ from claim_service.claims.writer import ClaimWriter
 from claim_service.config import Settings
 from claim_service.domain import periods
 from claim_service.domain.draws import draw_value, pick
+from claim_service.domain.lifecycle import FAILED
+from claim_service.fulfilment.compensation import refund
+from claim_service.http.app import ENGINE
+from claim_service.store.claim_states import transition
 from claim_service.store.draw_records import period_draws
 from claim_service.store.draw_seeds import DrawSeeds
 from claim_service.store.keyspace import BenefitKeys, text
+from claim_service.store.reconcile import Reconciler
 from claim_service.store.recovery import Recovery
 from tests.helpers import Client, admin, auth, benefit_body, direct, drain, fast
 
@@ -242,3 +247,95 @@ async def test_draw_records_are_immutable(
         else:
             raise AssertionError(f"{statement} was allowed")
     assert await pool.fetchval("SELECT count(*) FROM draws") == 1
+
+
+async def test_a_priced_draw_takes_points_and_a_card_key_prize_runs_out_with_its_codes(
+    client: Client, settings: Settings, redis: Redis, pool: asyncpg.Pool
+) -> None:
+    """A draw costing 2 points: a member with 5 points draws twice, then 402. A card-key
+    prize with 2 codes (and no stock of its own) is drawn at most twice, then never again."""
+    prizes = [
+        {"prize_id": "code", "name": "Card", "weight": 1_000_000, "option_id": "card"},
+        {"prize_id": "thanks", "name": "Thanks", "weight": 1, "option_id": "thanks"},
+    ]
+    body = draw_body(per_period=5, prizes=prizes)
+    body["options"] = [{"option_id": "card", "kind": "card_key"}, direct("thanks")]
+    body["price_points"] = 2
+    answer = await client.put("/admin/v1/benefits/box", json=body, headers=admin(settings))
+    assert answer.status == 201, await answer.text()
+    period = periods.current_period(settings.tz)
+    tiers = [{"user_id": f"m{i}", "tier": 5} for i in range(4)]
+    await client.put(f"/admin/v1/tiers/{period}", json=tiers, headers=admin(settings))
+    codes = [{"code": f"CODE-{i}"} for i in range(2)]
+    answer = await client.post(
+        "/admin/v1/benefits/box/options/card/codes", json=codes, headers=admin(settings)
+    )
+    assert answer.status == 200, await answer.text()
+    for i in range(4):
+        answer = await client.post(
+            f"/admin/v1/points/m{i}/adjust",
+            json={"amount": 5, "reason": "test", "reference": f"give-m{i}"},
+            headers=admin(settings),
+        )
+        assert answer.status == 201, await answer.text()
+    won = []
+    for i in range(4):
+        for n in range(3):
+            answer = await client.post(
+                "/v1/benefits/box/claims",
+                json={"request_id": f"r{n}"},
+                headers=auth(settings, f"m{i}"),
+            )
+            body = await answer.json()
+            if n < 2:
+                assert answer.status == 202, body
+                won.append(body["draw"]["prize_id"])
+            else:
+                assert answer.status == 402 and body["price"] == 2 and body["balance"] == 1
+    assert won[:2] == ["code", "code"] and set(won[2:]) == {"thanks"}
+    draw = await (await client.get("/v1/benefits/box/draw", headers=auth(settings, "m0"))).json()
+    card = next(p for p in draw["prizes"] if p["prize_id"] == "code")
+    assert not card["in_stock"] and card["probability"] == 0.0 and card["taken"] == 2
+
+
+async def test_a_refunded_draw_gives_its_prize_back_once(
+    client: Client, settings: Settings, redis: Redis, pool: asyncpg.Pool
+) -> None:
+    prizes = [{"prize_id": "only", "name": "Only", "weight": 1, "stock": 1, "option_id": "o"}]
+    body = draw_body(prizes=prizes)
+    body["options"] = [direct("o")]
+    answer = await client.put("/admin/v1/benefits/box", json=body, headers=admin(settings))
+    assert answer.status == 201, await answer.text()
+    period = periods.current_period(settings.tz)
+    tiers = [{"user_id": f"m{i}", "tier": 5} for i in range(3)]
+    await client.put(f"/admin/v1/tiers/{period}", json=tiers, headers=admin(settings))
+
+    async def draw(user: str) -> tuple[int, Any]:
+        answer = await client.post(
+            "/v1/benefits/box/claims", json={"request_id": "r"}, headers=auth(settings, user)
+        )
+        return answer.status, await answer.json()
+
+    status, first = await draw("m0")
+    assert status == 202 and first["draw"]["prize_id"] == "only"
+    status, body = await draw("m1")
+    assert status == 410 and body["error"] == "sold_out"  # its only prize is gone
+    await drain(ClaimWriter(redis, pool, fast(settings), consumer="t"))
+    async with pool.acquire() as conn, conn.transaction():
+        await transition(conn, first["claim_id"], FAILED, "test", expect=("accepted",))
+    assert await refund(pool, redis, first["claim_id"])
+    assert not await refund(pool, redis, first["claim_id"])
+    keys = BenefitKeys("box")
+    assert (await redis.hget(keys.stock(period), "prize:only")) == b"0"
+    status, body = await draw("m2")
+    assert status == 202 and body["draw"]["prize_id"] == "only"
+    await drain(ClaimWriter(redis, pool, fast(settings), consumer="t"))
+    benefit = await client.app[ENGINE].benefit("box")
+    check = await Reconciler(pool, redis, settings).check(benefit)
+    assert check.drift == []
+    results = await (
+        await client.get(
+            f"/v1/benefits/box/draw/results?period={period}", headers=auth(settings, "m0")
+        )
+    ).json()
+    assert results["prizes"] == [{"prize_id": "only", "name": "Only", "drawn": 2, "refunded": 1}]

@@ -73,7 +73,8 @@ class Settings:
     admin_port: int = 8081
     workers: int = 1
     body_timeout_s: float = 10.0
-    max_connections: int = 10_000
+    max_connections: int = 20_000
+    max_event_streams: int = 10_000  # member event streams per worker (they are connections)
     max_body_bytes: int = 16 * 1024
     admin_max_body_bytes: int = 16 * 1024 * 1024
     batch_max: int = 256

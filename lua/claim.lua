@@ -319,6 +319,13 @@ for i = 0, n - 1 do
     end
     local price, lots = 0, nil
     local prize, streak, owed = nil, 0, false
+    if code == nil and prizes ~= nil and draw_price > 0 then
+      -- Before the draw: a refusal must not tell which prize the request would have drawn.
+      local balance = points_of(parse_lots(redis.call('HGET', KEYS[12], user)))
+      if balance < draw_price then
+        code, extra = 'points', balance
+      end
+    end
     if code == nil and prizes ~= nil then
       -- The candidates: prizes in stock now (their own stock, their option's cap and codes).
       if pity_after > 0 then

@@ -62,3 +62,17 @@ BEGIN
 END $$;
 CREATE TRIGGER draws_keep BEFORE UPDATE OR DELETE ON draws
     FOR EACH ROW EXECUTE FUNCTION draws_keep();
+
+-- A committed seed is never replaced nor removed while its records must be kept.
+CREATE FUNCTION draw_seeds_keep() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'UPDATE' THEN
+        RAISE EXCEPTION 'draw seeds are immutable';
+    END IF;
+    IF OLD.created_at > now() - interval '90 days' THEN
+        RAISE EXCEPTION 'draw seeds are kept at least 90 days';
+    END IF;
+    RETURN OLD;
+END $$;
+CREATE TRIGGER draw_seeds_keep BEFORE UPDATE OR DELETE ON draw_seeds
+    FOR EACH ROW EXECUTE FUNCTION draw_seeds_keep();

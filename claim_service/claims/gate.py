@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +79,9 @@ class Gate:
         self._tiers_period = ""
         self._tasks: set[asyncio.Task[None]] = set()
         self._running = False  # only a gate that hears announcements and re-checks answers
+        # Called with each benefit id announced or found sold out (the live feeds): the
+        # worker's one subscription serves them too.
+        self.listeners: list[Callable[[str], None]] = []
         listen_here(self.forget)
 
     # -- the hot path ----------------------------------------------------------------------
@@ -166,6 +169,8 @@ class Gate:
             return
         if not codes & {"not_open", "sold_out", "option_sold_out"}:
             return
+        if "sold_out" in codes and (known is None or not known.sold_out):
+            self._tell(benefit_id)
         if known is not None and (known.where != where or known.version != benefit.version):
             self.forget(benefit_id)
             known = None
@@ -182,6 +187,10 @@ class Gate:
         if known.holders is None and not known.loading:
             known.loading = True
             self._spawn(self._snapshot(benefit_id, known))
+
+    def _tell(self, benefit_id: str) -> None:
+        for listener in self.listeners:
+            listener(benefit_id)
 
     def forget(self, benefit_id: str) -> None:
         if benefit_id == EVERY_BENEFIT:
@@ -282,6 +291,7 @@ class Gate:
                     message = await pubsub.get_message(timeout=1.0)
                     if message is not None:
                         self.forget(text(message["data"]))
+                        self._tell(text(message["data"]))
             except (RedisError, OSError) as exc:
                 self.forget(EVERY_BENEFIT)
                 log.debug("gate announcements interrupted: %s", exc)

@@ -31,7 +31,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from claim_service.domain.fields import MAX_STOCK, ConflictingFields, as_integer, check_id
+from claim_service.domain.fields import (
+    CONTROL_RE,
+    MAX_STOCK,
+    ConflictingFields,
+    as_integer,
+    check_id,
+)
 from claim_service.errors import ValidationError
 
 DRAW_TYPES = ("blind_box", "nine_grid", "lucky_bag")
@@ -178,8 +184,11 @@ def _prize(item: Any, index: int, option_ids: Sequence[str]) -> Prize:
         raise ValidationError(f"{where} must be an object", field=where)
     prize_id = check_id(item.get("prize_id"), f"{where}.prize_id")
     name = item.get("name", prize_id)
-    if not isinstance(name, str) or not 0 < len(name) <= 200:
-        raise ValidationError(f"{where}.name must be 1..200 characters", field=f"{where}.name")
+    if not isinstance(name, str) or not 0 < len(name) <= 200 or CONTROL_RE.search(name):
+        raise ValidationError(
+            f"{where}.name must be 1..200 characters, no control characters",
+            field=f"{where}.name",
+        )
     option_id = check_id(item.get("option_id"), f"{where}.option_id")
     if option_id not in option_ids:
         raise ConflictingFields(f"{where}.option_id names no option", field=f"{where}.option_id")

@@ -10,7 +10,7 @@ from aiohttp import web
 from claim_service.claims.decisions import ClaimDecision
 from claim_service.claims.engine import ClaimEngine, bundle_item_id
 from claim_service.domain import periods
-from claim_service.domain.catalogue import ID_RE, Benefit
+from claim_service.domain.catalogue import ID_RE, Benefit, as_integer
 from claim_service.domain.draws import NINE_GRID_CELLS, grid_cell, odds
 from claim_service.errors import BackendUnavailable, NotFoundError, ValidationError
 from claim_service.http.app import ENGINE, PG, REDIS, VERIFIER, json_response
@@ -21,6 +21,7 @@ from claim_service.store.draw_seeds import DrawSeeds
 # The seed is revealed this long after the period closed by Redis's clock as last seen here,
 # so no claim Redis still decides in that period can be drawn with a known seed.
 REVEAL_GRACE_MS = 5_000
+FIRST_PERIOD, LAST_PERIOD = "1970-01", "9998-12"  # periods a draw can have been held in
 LUCKY_BAGS = 6
 BLIND_BOXES = 12
 ALGORITHM = (
@@ -67,7 +68,7 @@ def presentation(benefit: Benefit, prize_id: str, value: int | None, pick: int |
 
 
 def parse_pick(data: dict[str, Any]) -> int | None:
-    pick = data.get("pick")
+    pick = as_integer(data.get("pick"))
     if pick is None:
         return None
     if isinstance(pick, bool) or not isinstance(pick, int) or not 0 <= pick < 64:
@@ -157,6 +158,8 @@ async def _draw_benefit(request: web.Request) -> tuple[ClaimEngine, Benefit, str
         raise NotFoundError("not_a_draw", f"benefit {benefit_id!r} is not a draw")
     period = request.query.get("period") or engine.current_period(benefit)
     periods.parse_period(period)
+    if not FIRST_PERIOD <= period <= LAST_PERIOD:
+        raise ValidationError(f"period must be in {FIRST_PERIOD}..{LAST_PERIOD}", field="period")
     return engine, benefit, period
 
 

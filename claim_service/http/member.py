@@ -170,6 +170,27 @@ async def _claim(request: web.Request, user_id: str) -> web.Response:
                 options=choices,
             )
         option_id = choices[0]
+    # Well-formed bodies the benefit's own shape refuses: 409, as for option_required.
+    choices = [option.option_id for option in benefit.options]
+    if benefit.draw is not None and (option_id is not None or option_ids):
+        return error_response(
+            409,
+            "draw_takes_no_option",
+            "this benefit is a draw: its prize decides the option; send no option_id",
+            field="option_ids" if option_ids else "option_id",
+            benefit_id=benefit_id,
+            options=[],
+        )
+    if len(option_ids) > benefit.choose:
+        return error_response(
+            409,
+            "too_many_options",
+            f"this benefit takes at most {benefit.choose} option(s) per claim",
+            field="option_ids",
+            benefit_id=benefit_id,
+            options=choices,
+            choose=benefit.choose,
+        )
     decision = await engine.claim(
         ClaimRequest(benefit_id, user_id, request_id, option_id, account, option_ids)
     )

@@ -11,8 +11,9 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from claim_service.claims.engine import ClaimEngine
+from claim_service.claims.live import LiveFeeds
 from claim_service.config import Settings
-from claim_service.http import admin, draws, member, partner, points
+from claim_service.http import admin, draws, events, member, partner, points
 from claim_service.http.app import (
     ENGINE,
     HANDLER_ARGS,
@@ -57,14 +58,17 @@ def create_app(
         app[REDIS] = redis
         app[PG] = pg
         app[ENGINE] = ClaimEngine(redis, settings, pool=pg)
+        app[events.LIVE] = LiveFeeds(app[ENGINE], redis)
         # Recovers what a new (restarted, replaced, promoted) Redis lacks, and repairs one
         # found behind PostgreSQL, while serving.
         stop_watch = asyncio.Event()
         watch = asyncio.create_task(Recovery(pg, redis, settings).watch(stop_watch))
         gate = asyncio.create_task(app[ENGINE].gate.run(stop_watch))
         lag = asyncio.create_task(app[LIMITS].watch_lag(stop_watch))
+        live = asyncio.create_task(app[events.LIVE].run(stop_watch))
         yield
         stop_watch.set()
+        await live
         await watch
         await gate
         await lag
@@ -77,6 +81,7 @@ def create_app(
     member.add_routes(app)
     points.add_routes(app)
     draws.add_routes(app)
+    events.add_routes(app)
     partner.add_routes(app)
     return app
 

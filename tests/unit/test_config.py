@@ -51,7 +51,7 @@ def test_urls_are_required_to_run() -> None:
 def test_listener_and_connection_settings() -> None:
     default = Settings.from_env({})
     assert (default.admin_host, default.admin_port) == ("127.0.0.1", 8081)
-    assert default.body_timeout_s == 10 and default.max_connections == 10_000
+    assert default.body_timeout_s == 10 and default.max_connections == 20_000
     settings = Settings.from_env(
         {
             "CLAIM_ADMIN_HOST": "10.0.0.7",

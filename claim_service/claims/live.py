@@ -1,0 +1,219 @@
+"""The live state of benefits, pushed to members: one feed per benefit per worker.
+
+A member's event stream (``GET /v1/benefits/{id}/events``) does not read Redis: each worker
+keeps one ``Feed`` per benefit someone is watching and refreshes it every ``TICK_S`` (sooner
+when the claim gate hears a stock announcement, or a claim here is refused sold out), in one
+pipelined read per benefit whatever the number of streams. A refresh that changes the phase
+or the coarse stock appends an event to the feed's ring; every stream of that benefit sends
+the events after the last it sent, in order. Memory is bounded: a stream holds no queue, and
+one that falls more than ``RING`` events behind is sent a fresh ``state`` instead.
+
+Events: ``state`` (on connect, or after falling behind: the whole picture), ``countdown``
+(before the opening, every ``COUNTDOWN_EVERY_S``), ``open``, ``stock`` (the stock left,
+rounded down to a ``STOCK_STEPS``-th of the period's stock), ``sold_out``, ``reopened`` (stock
+came back: a refund or a top-up), ``paused``, ``closed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from claim_service.claims.engine import ClaimEngine
+from claim_service.domain import periods
+from claim_service.domain.catalogue import Benefit
+from claim_service.errors import BackendUnavailable
+from claim_service.store.draw_records import prize_levels
+from claim_service.store.keyspace import BenefitKeys, text
+from claim_service.store.stock_events import listen_here
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.25
+MIN_GAP_S = 0.05  # between two refreshes of the feeds, however often poked
+COUNTDOWN_EVERY_S = 1.0
+RING = 128
+STOCK_STEPS = 20
+IDLE_FEED_S = 30.0  # a feed nobody watches is dropped after this long
+
+
+@dataclass(frozen=True)
+class LiveEvent:
+    seq: int
+    name: str
+    data: dict[str, Any]
+
+
+@dataclass
+class Feed:
+    benefit_id: str
+    seq: int = 0
+    phase: str | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+    ring: deque[LiveEvent] = field(default_factory=lambda: deque(maxlen=RING))
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    watchers: int = 0
+    idle_since: float = 0.0
+    stock_step: int | None = None
+    countdown_at: float = 0.0
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def push(self, name: str, data: dict[str, Any]) -> None:
+        self.seq += 1
+        self.ring.append(LiveEvent(self.seq, name, data))
+        changed, self.changed = self.changed, asyncio.Event()
+        changed.set()  # wakes every stream waiting on this generation
+
+    def since(self, seq: int) -> list[LiveEvent] | None:
+        """The events after ``seq`` in order; None when some have left the ring."""
+        if seq >= self.seq:
+            return []
+        if not self.ring or self.ring[0].seq > seq + 1:
+            return None
+        return [e for e in self.ring if e.seq > seq]
+
+
+class LiveFeeds:
+    """One per worker: the feeds, refreshed by ``run``."""
+
+    def __init__(self, engine: ClaimEngine, redis: Redis) -> None:
+        self.engine = engine
+        self.redis = redis
+        self.feeds: dict[str, Feed] = {}
+        self.streams = 0
+        self.closed = False
+        self._wake = asyncio.Event()
+        listen_here(self.poke)  # announcements made here
+        engine.gate.listeners.append(self.poke)  # made elsewhere, and sold out seen here
+
+    def poke(self, benefit_id: str) -> None:
+        """Something changed (any benefit for ``"*"``): refresh now rather than at the tick."""
+        self._wake.set()
+
+    async def watch(self, benefit_id: str) -> Feed:
+        """The benefit's feed, with its state read (a new feed is refreshed first)."""
+        feed = self.feeds.get(benefit_id)
+        if feed is None:
+            feed = self.feeds[benefit_id] = Feed(benefit_id)
+            self.poke(benefit_id)
+        feed.watchers += 1
+        self.streams += 1
+        if not feed.ready.is_set():
+            try:
+                await self.refresh(feed)
+            except (RedisError, BackendUnavailable):
+                self.unwatch(feed)
+                raise
+        return feed
+
+    def close(self) -> None:
+        """Shutting down: every stream ends (each wakes and sees ``closed``)."""
+        self.closed = True
+        for feed in self.feeds.values():
+            changed, feed.changed = feed.changed, asyncio.Event()
+            changed.set()
+
+    def unwatch(self, feed: Feed) -> None:
+        feed.watchers -= 1
+        self.streams -= 1
+        if feed.watchers == 0:
+            feed.idle_since = time.monotonic()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Refresh the watched feeds every ``TICK_S`` (or when poked) until ``stop``."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), TICK_S)
+            self._wake.clear()
+            await asyncio.sleep(MIN_GAP_S)
+            now = time.monotonic()
+            for benefit_id, feed in list(self.feeds.items()):
+                if feed.watchers == 0 and now - feed.idle_since > IDLE_FEED_S:
+                    del self.feeds[benefit_id]
+                    continue
+                if feed.watchers == 0:
+                    continue
+                try:
+                    await self.refresh(feed)
+                except (RedisError, BackendUnavailable, OSError) as exc:
+                    log.debug("live feed of %s not refreshed: %s", benefit_id, exc)
+
+    async def refresh(self, feed: Feed) -> None:
+        benefit = await self.engine.benefit(feed.benefit_id)
+        if benefit is None:
+            return
+        now_ms = self.engine.redis_ms()
+        span = self.engine.span(benefit, now_ms)
+        keys = BenefitKeys(benefit.benefit_id)
+        counters = await self.redis.hmget(keys.stock(span.period), ["added", "taken"])
+        added, taken = (int(text(v)) if v is not None else 0 for v in counters)
+        total = benefit.stock_per_period + added
+        left = max(total - taken, 0)
+        if left > 0 and benefit.draw is not None:
+            levels = await prize_levels(self.redis, benefit, span.period, now_ms)
+            if not any(drawable for _, _, drawable in levels.values()):
+                left = 0  # no prize can be drawn: as sold out as a benefit without stock
+        phase = _phase(benefit, span.opens_ms, span.closes_ms, now_ms, left)
+        step = None if total <= 0 else math.floor(left * STOCK_STEPS / total)
+        coarse = 0 if step is None else math.ceil(step * total / STOCK_STEPS)
+        state = {
+            "benefit_id": benefit.benefit_id,
+            "period": span.period,
+            "phase": phase,
+            "opens_at": span.opens.isoformat(),
+            "closes_at": periods.from_ms(
+                span.closes_ms + self.engine.calendar.shift_ms, self.engine.tz
+            ).isoformat()
+            if span.closes_ms
+            else None,
+            "stock_left": coarse,
+            "stock": total,
+        }
+        previous = feed.phase
+        feed.state = state
+        if previous is not None and phase != previous:
+            name = {
+                "open": "reopened" if previous == "sold_out" else "open",
+                "sold_out": "sold_out",
+                "paused": "paused",
+                "closed": "closed",
+                "not_open": "countdown",
+            }[phase]
+            feed.push(
+                name, _countdown(state, now_ms, span.opens_ms) if name == "countdown" else state
+            )
+            feed.stock_step = step
+        elif phase == "open" and previous is not None and step != feed.stock_step:
+            feed.stock_step = step
+            feed.push("stock", state)
+        elif phase == "not_open" and time.monotonic() - feed.countdown_at >= COUNTDOWN_EVERY_S:
+            feed.countdown_at = time.monotonic()
+            if previous is not None:
+                feed.push("countdown", _countdown(state, now_ms, span.opens_ms))
+        if previous is None:
+            feed.stock_step = step
+        feed.phase = phase
+        feed.ready.set()
+
+
+def _phase(benefit: Benefit, opens_ms: int, closes_ms: int, now_ms: int, left: int) -> str:
+    if benefit.paused:
+        return "paused"
+    if now_ms < opens_ms:
+        return "not_open"
+    if closes_ms and now_ms >= closes_ms:
+        return "closed"
+    return "sold_out" if left <= 0 else "open"
+
+
+def _countdown(state: dict[str, Any], now_ms: int, opens_ms: int) -> dict[str, Any]:
+    return {**state, "opens_in_s": max(opens_ms - now_ms, 0) / 1000}

@@ -94,8 +94,7 @@ class Gate:
         if code is None:
             return None
         known = self._known[benefit.benefit_id]
-        if code == "option_sold_out":  # a bundle's first option (see ``_code``)
-            option_id = option_id.split(",")[0]
+        option_id = option_id.split(",")[0]  # a bundle's first, as claim.lua names it
         tier = self._tiers.get(user_id, 0) if code != "not_open" else 0
         return ClaimDecision(
             code=code,

@@ -551,7 +551,7 @@ async def test_bundle_requests_are_validated_and_take_nothing(
     period = await put_tiers(client, settings, {"m0": 5})
 
     bad: list[tuple[dict[str, Any], int]] = [
-        ({"option_ids": ["a", "b", "c"]}, 400),  # more than choose
+        ({"option_ids": ["a", "b", "c"]}, 409),  # more than choose: the benefit refuses it
         ({"option_ids": ["a", "a"]}, 400),  # not distinct
         ({"option_ids": ["a"], "option_id": "b"}, 400),  # both
         ({"option_ids": ["a", "b"], "option_id": "a"}, 400),
@@ -570,6 +570,9 @@ async def test_bundle_requests_are_validated_and_take_nothing(
         assert resp.status == expected, (extra, body)
         if expected == 400:
             assert body["error"] == "invalid_request", body
+        elif expected == 409:
+            assert body["error"] == "too_many_options" and body["choose"] == 2, body
+            assert body["field"] == "option_ids" and body["options"] == ["a", "b", "c"], body
         else:
             assert body["error"] == "unknown_option", body
     assert await stock_of(redis, period) == {}
@@ -580,7 +583,8 @@ async def test_bundle_requests_are_validated_and_take_nothing(
     single = benefit_body(stock=5, quota=quota, options=options)
     await put_benefit_again(client, settings, single)
     status, body = await claim(client, settings, "m0", "one", ["a", "b"])
-    assert status == 400 and body["field"] == "option_ids", body
+    assert status == 409 and body["error"] == "too_many_options", body
+    assert body["field"] == "option_ids" and body["choose"] == 1, body
     status, body = await claim(client, settings, "m0", "one", ["a"])
     assert status == 202 and body["option_id"] == "a", body
 

@@ -7,12 +7,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import aiohttp
 import orjson
 
 from claim_service.config import Settings
 from claim_service.domain import periods
-from tests.helpers import Client, admin, auth, benefit_body
+from tests.helpers import Client, admin, auth, benefit_body, wait_for
 
 STREAMS = 90  # the test client keeps at most 100 connections
 STOCK = 5
@@ -62,9 +61,12 @@ async def test_every_stream_hears_the_release_in_order(client: Client, settings:
         asyncio.create_task(events_of(client, settings, f"w{i}", "sold_out", streams[i]))
         for i in range(STREAMS)
     ]
+
     # Wait for the opening (the streams say when), then claim the whole stock.
-    while not any(name == "open" for s in streams for _, name, _ in s):
-        await asyncio.sleep(0.05)
+    async def opened() -> bool:
+        return any(name == "open" for s in streams for _, name, _ in s)
+
+    await wait_for(opened, within=10)
     answers = await asyncio.gather(
         *(
             client.post(
@@ -105,15 +107,21 @@ async def test_top_up_reopens_and_pause_is_pushed(client: Client, settings: Sett
     assert answer.status == 202
     first: list[tuple[int, str, Any]] = []
     reader = asyncio.create_task(events_of(client, settings, "w", "paused", first))
-    while not first:
-        await asyncio.sleep(0.02)
+
+    async def connected() -> bool:
+        return bool(first)
+
+    await wait_for(connected, within=10, every=0.02)
     assert first[0][1] == "state" and first[0][2]["phase"] == "sold_out"
     answer = await client.post(
         "/admin/v1/benefits/video/stock", json={"amount": 2}, headers=admin(settings)
     )
     assert answer.status == 200, await answer.text()
-    while not any(name == "reopened" for _, name, _ in first):
-        await asyncio.sleep(0.02)
+
+    async def reopened() -> bool:
+        return any(name == "reopened" for _, name, _ in first)
+
+    await wait_for(reopened, within=10, every=0.02)
     answer = await client.post("/admin/v1/benefits/video/pause", headers=admin(settings))
     assert answer.status == 200
     await asyncio.wait_for(reader, 10)
@@ -135,4 +143,3 @@ async def test_unknown_benefit_and_missing_token(client: Client, settings: Setti
     assert answer.status == 404
     answer = await client.get("/v1/benefits/nope/events")
     assert answer.status == 401
-    assert isinstance(aiohttp.ClientTimeout(), aiohttp.ClientTimeout)

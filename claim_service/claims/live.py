@@ -22,9 +22,11 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -39,6 +41,9 @@ from claim_service.store.stock_events import listen_here
 log = logging.getLogger(__name__)
 
 TICK_S = 0.25
+FAN_OUT = 100  # streams woken per turn of the event loop
+HEARTBEAT_S = 15.0
+SWEEP_S = 1.0
 MIN_GAP_S = 0.05  # between two refreshes of the feeds, however often poked
 COUNTDOWN_EVERY_S = 1.0
 RING = 128
@@ -46,11 +51,33 @@ STOCK_STEPS = 20
 IDLE_FEED_S = 30.0  # a feed nobody watches is dropped after this long
 
 
+def frame(seq: int, name: str, data: dict[str, Any]) -> bytes:
+    """One Server-Sent Event, as written to every stream."""
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (seq, name.encode(), orjson.dumps(data))
+
+
+HEARTBEAT = b": keep-alive\n\n"
+
+
 @dataclass(frozen=True)
 class LiveEvent:
     seq: int
     name: str
     data: dict[str, Any]
+    frame: bytes  # encoded once, written to every stream
+
+
+@dataclass(eq=False)
+class Stream:
+    """One member's stream, as its feed sees it: how to wake it, and whether its client is
+    gone (checked by the feed's sweep, so a closed connection frees its place promptly)."""
+
+    closed: Callable[[], bool]
+    wake: asyncio.Future[bool] | None = None  # result: True for a heartbeat
+
+    def release(self, beat: bool) -> None:
+        if self.wake is not None and not self.wake.done():
+            self.wake.set_result(beat)
 
 
 @dataclass
@@ -60,18 +87,42 @@ class Feed:
     phase: str | None = None
     state: dict[str, Any] = field(default_factory=dict)
     ring: deque[LiveEvent] = field(default_factory=lambda: deque(maxlen=RING))
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    waiting: set[Stream] = field(default_factory=set)
     watchers: int = 0
     idle_since: float = 0.0
     stock_step: int | None = None
     countdown_at: float = 0.0
+    beat_at: float = field(default_factory=time.monotonic)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    _state_frame: tuple[int, bytes] = (-1, b"")
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     def push(self, name: str, data: dict[str, Any]) -> None:
         self.seq += 1
-        self.ring.append(LiveEvent(self.seq, name, data))
-        changed, self.changed = self.changed, asyncio.Event()
-        changed.set()  # wakes every stream waiting on this generation
+        self.ring.append(LiveEvent(self.seq, name, data, frame(self.seq, name, data)))
+        self.release(beat=False)
+
+    def state_frame(self) -> bytes:
+        """The whole picture as a ``state`` event (encoded once per change)."""
+        if self._state_frame[0] != self.seq:
+            self._state_frame = (self.seq, frame(self.seq, "state", self.state))
+        return self._state_frame[1]
+
+    def release(self, *, beat: bool) -> None:
+        """Wake every waiting stream, ``FAN_OUT`` at a time with a turn of the event loop in
+        between, so that claims are answered while thousands of streams are written to."""
+        waiting, self.waiting = self.waiting, set()
+        if waiting:
+            task = asyncio.get_running_loop().create_task(_fan_out(waiting, beat))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def sweep(self) -> None:
+        """Wake the waiting streams whose client has gone, so they end now."""
+        gone = [s for s in self.waiting if s.closed()]
+        for stream in gone:
+            self.waiting.discard(stream)
+            stream.release(False)
 
     def since(self, seq: int) -> list[LiveEvent] | None:
         """The events after ``seq`` in order; None when some have left the ring."""
@@ -80,6 +131,13 @@ class Feed:
         if not self.ring or self.ring[0].seq > seq + 1:
             return None
         return [e for e in self.ring if e.seq > seq]
+
+
+async def _fan_out(streams: set[Stream], beat: bool) -> None:
+    for i, stream in enumerate(streams, start=1):
+        stream.release(beat)
+        if i % FAN_OUT == 0:
+            await asyncio.sleep(0)
 
 
 class LiveFeeds:
@@ -119,8 +177,7 @@ class LiveFeeds:
         """Shutting down: every stream ends (each wakes and sees ``closed``)."""
         self.closed = True
         for feed in self.feeds.values():
-            changed, feed.changed = feed.changed, asyncio.Event()
-            changed.set()
+            feed.release(beat=False)
 
     def unwatch(self, feed: Feed) -> None:
         feed.watchers -= 1
@@ -130,12 +187,20 @@ class LiveFeeds:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Refresh the watched feeds every ``TICK_S`` (or when poked) until ``stop``."""
+        swept_at = time.monotonic()
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), TICK_S)
             self._wake.clear()
             await asyncio.sleep(MIN_GAP_S)
             now = time.monotonic()
+            sweep, swept_at = (True, now) if now - swept_at >= SWEEP_S else (False, swept_at)
+            for feed in self.feeds.values():
+                if sweep:
+                    feed.sweep()
+                if now - feed.beat_at >= HEARTBEAT_S:
+                    feed.beat_at = now
+                    feed.release(beat=True)
             for benefit_id, feed in list(self.feeds.items()):
                 if feed.watchers == 0 and now - feed.idle_since > IDLE_FEED_S:
                     del self.feeds[benefit_id]

@@ -7,25 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
 
-import orjson
 from aiohttp import web
 
-from claim_service.claims.live import Feed, LiveFeeds
+from claim_service.claims.live import HEARTBEAT, HEARTBEAT_S, Feed, LiveFeeds, Stream
 from claim_service.domain.catalogue import ID_RE
 from claim_service.errors import NotFoundError
 from claim_service.http.app import ENGINE, SETTINGS, VERIFIER, error_response
 from claim_service.http.auth import bearer
 
+__all__ = ["HEARTBEAT_S", "LIVE", "add_routes", "benefit_events"]
+
 LIVE = web.AppKey("live", LiveFeeds)
-HEARTBEAT_S = 15.0
 RETRY_MS = 3000
-
-
-def frame(seq: int | None, name: str, data: dict[str, Any]) -> bytes:
-    head = b"" if seq is None else b"id: %d\n" % seq
-    return head + b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
 
 
 def _last_event_id(request: web.Request) -> int | None:
@@ -57,41 +51,53 @@ async def benefit_events(request: web.Request) -> web.StreamResponse:
         )
         await response.prepare(request)
         await response.write(b"retry: %d\n\n" % RETRY_MS)
-        await _stream(response, live, feed, _last_event_id(request))
+        await _stream(request, response, live, feed, _last_event_id(request))
     finally:
         live.unwatch(feed)
     return response
 
 
 async def _stream(
-    response: web.StreamResponse, live: LiveFeeds, feed: Feed, last: int | None
+    request: web.Request,
+    response: web.StreamResponse,
+    live: LiveFeeds,
+    feed: Feed,
+    last: int | None,
 ) -> None:
+    transport = request.transport
+    stream = Stream(lambda: transport is None or transport.is_closing())
+    loop = asyncio.get_running_loop()
     sent = feed.seq
     missed = feed.since(last) if last is not None else None
     if missed is None:
-        await response.write(frame(feed.seq, "state", feed.state))
+        await response.write(feed.state_frame())
     else:
         for event in missed:
-            await response.write(frame(event.seq, event.name, event.data))
+            await response.write(event.frame)
         sent = missed[-1].seq if missed else min(last or 0, feed.seq)
     with contextlib.suppress(ConnectionResetError):
-        while True:
-            waiter = feed.changed
+        while not live.closed:
+            beat = False
             if feed.seq == sent:
+                stream.wake = loop.create_future()
+                feed.waiting.add(stream)
                 try:
-                    await asyncio.wait_for(waiter.wait(), HEARTBEAT_S)
-                except TimeoutError:
-                    await response.write(b": keep-alive\n\n")
-                    continue
-            if live.closed:
-                return
+                    beat = await stream.wake
+                finally:
+                    feed.waiting.discard(stream)
+                if live.closed or stream.closed():
+                    return
+            if feed.seq == sent:
+                if beat:
+                    await response.write(HEARTBEAT)
+                continue
             events = feed.since(sent)
             if events is None:  # fell behind the ring: the whole picture again
-                await response.write(frame(feed.seq, "state", feed.state))
+                await response.write(feed.state_frame())
                 sent = feed.seq
                 continue
             for event in events:
-                await response.write(frame(event.seq, event.name, event.data))
+                await response.write(event.frame)
                 sent = event.seq
 
 

@@ -9,8 +9,10 @@ from typing import Any
 
 import orjson
 
+from claim_service.claims.live import SWEEP_S, LiveFeeds
 from claim_service.config import Settings
 from claim_service.domain import periods
+from claim_service.http.events import LIVE
 from tests.helpers import Client, admin, auth, benefit_body, wait_for
 
 STREAMS = 90  # the test client keeps at most 100 connections
@@ -143,3 +145,26 @@ async def test_unknown_benefit_and_missing_token(client: Client, settings: Setti
     assert answer.status == 404
     answer = await client.get("/v1/benefits/nope/events")
     assert answer.status == 401
+
+
+async def test_a_closed_stream_frees_its_place_within_a_sweep(
+    client: Client, settings: Settings
+) -> None:
+    """Clients that go away are noticed by the feed's sweep (not at the next heartbeat), so
+    a reconnect storm after a network blip finds its places free."""
+    body = benefit_body(stock=5, min_tier=1, quota=1)
+    answer = await client.put("/admin/v1/benefits/video", json=body, headers=admin(settings))
+    assert answer.status == 201
+    live: LiveFeeds = client.app[LIVE]
+    answers = [
+        await client.get("/v1/benefits/video/events", headers=auth(settings, f"w{i}"))
+        for i in range(20)
+    ]
+    assert {a.status for a in answers} == {200} and live.streams == 20
+    for a in answers:
+        a.close()
+
+    async def freed() -> bool:
+        return live.streams == 0
+
+    await wait_for(freed, within=SWEEP_S * 3 + 1)

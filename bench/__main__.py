@@ -50,6 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the load generator's raw records (*.bin) in the run folder",
     )
+    p = sub.add_parser(
+        "event-streams",
+        help="claims with and without 10,000 idle SSE streams on a worker; memory, broadcasts",
+    )
+    p.add_argument("--quick", action="store_true", help="1,000 streams (a smoke run)")
+    p.add_argument(
+        "--record", action="store_true", help="also write bench/results/event_streams.md"
+    )
+    p.add_argument("--output", type=Path, help="run folder (default bench/runs/<time>-…/)")
     return parser
 
 
@@ -76,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
             keep_records=args.keep_records,
             profile=args.profile,
         )
+    if args.benchmark == "event-streams":
+        from bench import event_streams
+
+        return event_streams.main(quick=args.quick, record=args.record, output=args.output)
     raise AssertionError(args.benchmark)
 
 

@@ -11,7 +11,9 @@ one that falls more than ``RING`` events behind is sent a fresh ``state`` instea
 Events: ``state`` (on connect, or after falling behind: the whole picture), ``countdown``
 (before the opening, every ``COUNTDOWN_EVERY_S``), ``open``, ``stock`` (the stock left,
 rounded down to a ``STOCK_STEPS``-th of the period's stock), ``sold_out``, ``reopened`` (stock
-came back: a refund or a top-up), ``paused``, ``closed``.
+came back: a refund or a top-up), ``paused``, ``closed``, and for a benefit with a waiting
+room ``queue`` (the room's size and admissions, at most every ``QUEUE_EVERY_S``; a member who
+holds a ticket is sent their own position, wait and, once admitted, admission token instead).
 """
 
 from __future__ import annotations
@@ -31,11 +33,14 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from claim_service.claims.engine import ClaimEngine
+from claim_service.claims.rooms import WaitingRooms
 from claim_service.domain import periods
 from claim_service.domain.catalogue import Benefit
 from claim_service.errors import BackendUnavailable
+from claim_service.store import rooms
 from claim_service.store.draw_records import prize_levels
 from claim_service.store.keyspace import BenefitKeys, text
+from claim_service.store.rooms import RoomTimes, RoomView
 from claim_service.store.stock_events import listen_here
 
 log = logging.getLogger(__name__)
@@ -49,6 +54,8 @@ COUNTDOWN_EVERY_S = 1.0
 RING = 128
 STOCK_STEPS = 20
 IDLE_FEED_S = 30.0  # a feed nobody watches is dropped after this long
+QUEUE_EVERY_S = 2.0  # waiting-room updates, at most this often
+RESOLVE_EVERY_S = 1.0  # watchers' tickets and places looked up (in one read) this often
 
 
 def frame(seq: int, name: str, data: dict[str, Any]) -> bytes:
@@ -74,6 +81,7 @@ class Stream:
 
     closed: Callable[[], bool]
     wake: asyncio.Future[bool] | None = None  # result: True for a heartbeat
+    user_id: str = ""
 
     def release(self, beat: bool) -> None:
         if self.wake is not None and not self.wake.done():
@@ -96,6 +104,15 @@ class Feed:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     _state_frame: tuple[int, bytes] = (-1, b"")
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    # the waiting room, when the benefit has one
+    room: dict[str, Any] | None = None
+    room_times: RoomTimes | None = None
+    room_dirty: bool = False
+    queue_at: float = 0.0
+    resolved_at: float = 0.0
+    seekers: dict[str, int] = field(default_factory=dict)  # watching member -> streams
+    holders: dict[str, str] = field(default_factory=dict)  # member -> ticket id
+    ranks: dict[str, int] = field(default_factory=dict)  # ticket id -> 0-based place
 
     def push(self, name: str, data: dict[str, Any]) -> None:
         self.seq += 1
@@ -143,9 +160,12 @@ async def _fan_out(streams: set[Stream], beat: bool) -> None:
 class LiveFeeds:
     """One per worker: the feeds, refreshed by ``run``."""
 
-    def __init__(self, engine: ClaimEngine, redis: Redis) -> None:
+    def __init__(
+        self, engine: ClaimEngine, redis: Redis, rooms: WaitingRooms | None = None
+    ) -> None:
         self.engine = engine
         self.redis = redis
+        self.rooms = rooms
         self.feeds: dict[str, Feed] = {}
         self.streams = 0
         self.closed = False
@@ -227,6 +247,9 @@ class LiveFeeds:
             levels = await prize_levels(self.redis, benefit, span.period, now_ms)
             if not any(drawable for _, _, drawable in levels.values()):
                 left = 0  # no prize can be drawn: as sold out as a benefit without stock
+        room = None
+        if benefit.waiting_room is not None and self.rooms is not None:
+            room = await self._refresh_room(feed, benefit)
         phase = _phase(benefit, span.opens_ms, span.closes_ms, now_ms, left)
         step = None if total <= 0 else math.floor(left * STOCK_STEPS / total)
         coarse = 0 if step is None else math.ceil(step * total / STOCK_STEPS)
@@ -242,6 +265,7 @@ class LiveFeeds:
             else None,
             "stock_left": coarse,
             "stock": total,
+            "waiting_room": room,
         }
         previous = feed.phase
         feed.state = state
@@ -267,7 +291,85 @@ class LiveFeeds:
         if previous is None:
             feed.stock_step = step
         feed.phase = phase
+        if feed.room_dirty and time.monotonic() - feed.queue_at >= QUEUE_EVERY_S:
+            feed.room_dirty = False
+            feed.queue_at = time.monotonic()
+            feed.push("queue", {"benefit_id": benefit.benefit_id, **(room or {})})
         feed.ready.set()
+
+    async def _refresh_room(self, feed: Feed, benefit: Benefit) -> dict[str, Any]:
+        """The room's summary; the watchers' tickets and places, looked up in batches."""
+        assert self.rooms is not None
+        view, times = await self.rooms.look(benefit)
+        if feed.room_times is None or feed.room_times.period != times.period:
+            feed.holders.clear()
+            feed.ranks.clear()
+        feed.room_times = times
+        ordered = view.phase not in (rooms.EARLY, rooms.PREQUEUE)
+        summary = {
+            "period": times.period,
+            "phase": view.phase,
+            "queue_size": view.size,
+            "admitted": view.admitted if ordered else 0,
+            "admit_per_s": times.admit_per_s,
+        }
+        now = time.monotonic()
+        opened = feed.room is not None and feed.room["phase"] != view.phase
+        if opened or now - feed.resolved_at >= RESOLVE_EVERY_S:
+            feed.resolved_at = now
+            unknown = [user for user in feed.seekers if user not in feed.holders]
+            feed.holders.update(
+                await rooms.tickets_of(self.redis, benefit.benefit_id, times.period, unknown)
+            )
+            if ordered:
+                unranked = [t for t in feed.holders.values() if t not in feed.ranks]
+                feed.ranks.update(
+                    await rooms.ranks_of(self.redis, benefit.benefit_id, times.period, unranked)
+                )
+        if summary != feed.room:
+            feed.room_dirty = True
+            if opened:
+                feed.queue_at = 0.0  # a new phase is told at once
+        feed.room = summary
+        return summary
+
+    def personal(self, feed: Feed, event: LiveEvent, user_id: str) -> bytes:
+        """The frame of ``event`` for the member ``user_id``: a ``queue`` event becomes their
+        own ticket's state when they hold one (their place, wait, admission token)."""
+        ticket = feed.holders.get(user_id)
+        if event.name != "queue" or ticket is None or feed.room_times is None or not self.rooms:
+            return event.frame
+        benefit = self.engine.catalogue.cached(feed.benefit_id)
+        if benefit is None:
+            return event.frame
+        room = event.data
+        view = RoomView(
+            phase=room["phase"],
+            ticket_id=ticket,
+            rank=feed.ranks.get(ticket),
+            size=room["queue_size"],
+            admitted=room["admitted"],
+            stock_left=0,
+            now_ms=self.engine.redis_ms(),
+        )
+        answer = self.rooms.answer(benefit, feed.room_times, view, user_id)
+        return frame(event.seq, "queue", answer)
+
+    def seek(self, feed: Feed, user_id: str, ticket_id: str | None) -> None:
+        """A stream of ``user_id`` opened (their ticket, if known already)."""
+        feed.seekers[user_id] = feed.seekers.get(user_id, 0) + 1
+        if ticket_id is not None:
+            feed.holders[user_id] = ticket_id
+
+    def unseek(self, feed: Feed, user_id: str) -> None:
+        left = feed.seekers.get(user_id, 0) - 1
+        if left > 0:
+            feed.seekers[user_id] = left
+        else:
+            feed.seekers.pop(user_id, None)
+            ticket = feed.holders.pop(user_id, None)
+            if ticket is not None:
+                feed.ranks.pop(ticket, None)
 
 
 def _phase(benefit: Benefit, opens_ms: int, closes_ms: int, now_ms: int, left: int) -> str:

@@ -165,6 +165,7 @@ def _view(
         ],
         "choose": benefit.choose,
         "draw": benefit.draw.type if benefit.draw else None,
+        "waiting_room": benefit.waiting_room.to_json() if benefit.waiting_room else None,
         "can_claim": reason is None,
         "reason": reason,
         "tier": tier,

@@ -20,6 +20,7 @@ from claim_service.domain.fields import (
     check_id,
     parse_timestamp,
 )
+from claim_service.domain.waiting_room import WaitingRoom, parse_waiting_room
 from claim_service.errors import ValidationError
 
 __all__ = [
@@ -147,6 +148,7 @@ class Benefit:
     price_points: int = 0  # points a claim costs (0: free); an option may set its own
     choose: int = 1  # options a claim may take at once (a bundle when above 1)
     draw: Draw | None = None  # the prize is drawn (see ``draws``)
+    waiting_room: WaitingRoom | None = None  # claims need an admission (see ``waiting_room``)
 
     def option(self, option_id: str) -> Option | None:
         for option in self.options:
@@ -192,6 +194,7 @@ class Benefit:
             "options": [o.to_json() for o in self.options],
             "choose": self.choose,
             "draw": self.draw.to_json() if self.draw else None,
+            "waiting_room": self.waiting_room.to_json() if self.waiting_room else None,
         }
 
 
@@ -351,6 +354,9 @@ def parse_benefit(benefit_id: str, data: Any, tz: ZoneInfo, version: int = 0) ->
                 "a draw costs the benefit's price_points, not an option's",
                 field="options",
             )
+    room = None
+    if data.get("waiting_room") is not None:
+        room = parse_waiting_room(data["waiting_room"])
     return Benefit(
         benefit_id=benefit_id,
         name=_str(data, "name", 200) or benefit_id,
@@ -366,4 +372,5 @@ def parse_benefit(benefit_id: str, data: Any, tz: ZoneInfo, version: int = 0) ->
         price_points=price,
         choose=choose,
         draw=draw,
+        waiting_room=room,
     )

@@ -10,7 +10,14 @@ import contextlib
 
 from aiohttp import web
 
-from claim_service.claims.live import HEARTBEAT, HEARTBEAT_S, Feed, LiveFeeds, Stream
+from claim_service.claims.live import (
+    HEARTBEAT,
+    HEARTBEAT_S,
+    Feed,
+    LiveEvent,
+    LiveFeeds,
+    Stream,
+)
 from claim_service.domain.catalogue import ID_RE
 from claim_service.errors import NotFoundError
 from claim_service.http.app import ENGINE, SETTINGS, VERIFIER, error_response
@@ -28,10 +35,11 @@ def _last_event_id(request: web.Request) -> int | None:
 
 
 async def benefit_events(request: web.Request) -> web.StreamResponse:
-    request.app[VERIFIER].verify(bearer(request.headers.get("Authorization")))
+    user_id = request.app[VERIFIER].verify(bearer(request.headers.get("Authorization")))
     benefit_id = request.match_info["benefit_id"]
     engine = request.app[ENGINE]
-    if not ID_RE.match(benefit_id) or await engine.benefit(benefit_id) is None:
+    benefit = await engine.benefit(benefit_id) if ID_RE.match(benefit_id) else None
+    if benefit is None:
         raise NotFoundError("unknown_benefit", "no such benefit")
     live = request.app[LIVE]
     if live.closed:
@@ -41,7 +49,16 @@ async def benefit_events(request: web.Request) -> web.StreamResponse:
             503, "too_many_streams", "this worker holds all the event streams it may; retry"
         )
     feed = await live.watch(benefit_id)
+    seeking = False
     try:
+        ticket = None
+        if benefit.waiting_room is not None and live.rooms is not None:
+            view, _times = await live.rooms.look(benefit, user_id)
+            ticket = view.ticket_id
+            if ticket is not None and view.position is not None:
+                feed.ranks[ticket] = view.position - 1
+            live.seek(feed, user_id, ticket)
+            seeking = True
         response = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream",
@@ -51,8 +68,10 @@ async def benefit_events(request: web.Request) -> web.StreamResponse:
         )
         await response.prepare(request)
         await response.write(b"retry: %d\n\n" % RETRY_MS)
-        await _stream(request, response, live, feed, _last_event_id(request))
+        await _stream(request, response, live, feed, _last_event_id(request), user_id)
     finally:
+        if seeking:
+            live.unseek(feed, user_id)
         live.unwatch(feed)
     return response
 
@@ -63,17 +82,21 @@ async def _stream(
     live: LiveFeeds,
     feed: Feed,
     last: int | None,
+    user_id: str,
 ) -> None:
     transport = request.transport
-    stream = Stream(lambda: transport is None or transport.is_closing())
+    stream = Stream(lambda: transport is None or transport.is_closing(), user_id=user_id)
     loop = asyncio.get_running_loop()
     sent = feed.seq
     missed = feed.since(last) if last is not None else None
     if missed is None:
         await response.write(feed.state_frame())
+        if feed.room is not None and user_id in feed.holders:  # their ticket, at once
+            now = LiveEvent(feed.seq, "queue", {"benefit_id": feed.benefit_id, **feed.room}, b"")
+            await response.write(live.personal(feed, now, user_id))
     else:
         for event in missed:
-            await response.write(event.frame)
+            await response.write(live.personal(feed, event, user_id))
         sent = missed[-1].seq if missed else min(last or 0, feed.seq)
     with contextlib.suppress(ConnectionResetError):
         while not live.closed:
@@ -97,7 +120,7 @@ async def _stream(
                 sent = feed.seq
                 continue
             for event in events:
-                await response.write(event.frame)
+                await response.write(live.personal(feed, event, user_id))
                 sent = event.seq
 
 

@@ -39,6 +39,7 @@ from claim_service.http.app import (
 from claim_service.http.auth import bearer
 from claim_service.http.draws import claim_parts, claim_proof, parse_pick
 from claim_service.http.limits import retry_after
+from claim_service.http.queue import admission_refusal
 
 READY_TIMEOUT_S = 2.0
 METRICS = web.AppKey("metrics", CollectorRegistry)
@@ -191,6 +192,10 @@ async def _claim(request: web.Request, user_id: str) -> web.Response:
             options=choices,
             choose=benefit.choose,
         )
+    if benefit.waiting_room is not None:
+        refused = await admission_refusal(request, benefit, user_id, data)
+        if refused is not None:
+            return refused
     decision = await engine.claim(
         ClaimRequest(benefit_id, user_id, request_id, option_id, account, option_ids)
     )

@@ -12,8 +12,9 @@ from redis.asyncio import Redis
 
 from claim_service.claims.engine import ClaimEngine
 from claim_service.claims.live import LiveFeeds
+from claim_service.claims.rooms import WaitingRooms
 from claim_service.config import Settings
-from claim_service.http import admin, draws, events, member, partner, points
+from claim_service.http import admin, draws, events, member, partner, points, queue
 from claim_service.http.app import (
     ENGINE,
     HANDLER_ARGS,
@@ -58,7 +59,8 @@ def create_app(
         app[REDIS] = redis
         app[PG] = pg
         app[ENGINE] = ClaimEngine(redis, settings, pool=pg)
-        app[events.LIVE] = LiveFeeds(app[ENGINE], redis)
+        app[queue.ROOMS] = WaitingRooms(app[ENGINE], redis, pg)
+        app[events.LIVE] = LiveFeeds(app[ENGINE], redis, app[queue.ROOMS])
         # Recovers what a new (restarted, replaced, promoted) Redis lacks, and repairs one
         # found behind PostgreSQL, while serving.
         stop_watch = asyncio.Event()
@@ -82,6 +84,7 @@ def create_app(
     points.add_routes(app)
     draws.add_routes(app)
     events.add_routes(app)
+    queue.add_routes(app)
     partner.add_routes(app)
     return app
 

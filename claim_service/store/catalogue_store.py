@@ -86,15 +86,16 @@ async def save_benefit(pool: asyncpg.Pool, benefit: Benefit) -> Benefit:
         version = await conn.fetchval(
             """INSERT INTO benefits (benefit_id, name, min_tier, quota, stock_per_period,
                                      release, paused, on_failure, zone, price_points,
-                                     choose, draw)
-               VALUES ($1, $2, $3, $4::jsonb, $5, $6::jsonb, $7, $8, $9, $10, $11, $12::jsonb)
+                                     choose, draw, waiting_room)
+               VALUES ($1, $2, $3, $4::jsonb, $5, $6::jsonb, $7, $8, $9, $10, $11, $12::jsonb,
+                       $13::jsonb)
                ON CONFLICT (benefit_id) DO UPDATE SET
                    name = EXCLUDED.name, min_tier = EXCLUDED.min_tier,
                    quota = EXCLUDED.quota, stock_per_period = EXCLUDED.stock_per_period,
                    release = EXCLUDED.release, paused = EXCLUDED.paused,
                    on_failure = EXCLUDED.on_failure, zone = EXCLUDED.zone,
                    price_points = EXCLUDED.price_points, choose = EXCLUDED.choose,
-                   draw = EXCLUDED.draw,
+                   draw = EXCLUDED.draw, waiting_room = EXCLUDED.waiting_room,
                    version = benefits.version + 1, updated_at = now()
                RETURNING version""",
             benefit.benefit_id,
@@ -109,6 +110,7 @@ async def save_benefit(pool: asyncpg.Pool, benefit: Benefit) -> Benefit:
             benefit.price_points,
             benefit.choose,
             orjson.dumps(benefit.draw.to_json()).decode() if benefit.draw else None,
+            orjson.dumps(benefit.waiting_room.to_json()).decode() if benefit.waiting_room else None,
         )
         await conn.execute("DELETE FROM benefit_options WHERE benefit_id = $1", benefit.benefit_id)
         await conn.executemany(
@@ -161,6 +163,7 @@ async def load_benefits(
             "price_points": row["price_points"],
             "choose": row["choose"],
             "draw": orjson.loads(row["draw"]) if row["draw"] else None,
+            "waiting_room": orjson.loads(row["waiting_room"]) if row["waiting_room"] else None,
             "options": orjson.loads(row["options"]),
         }
         benefits.append(parse_benefit(row["benefit_id"], data, tz, version=row["version"]))

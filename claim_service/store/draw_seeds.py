@@ -1,4 +1,5 @@
-"""The secret seeds of draws: one per benefit and period, made once and never replaced.
+"""The secret seeds of draws (and of waiting rooms' shuffles): one per benefit and period,
+made once and never replaced.
 
 A seed is 32 random bytes, sealed at rest (AES-256-GCM under ``CLAIM_CODES_KEY``, see
 ``vault``); its SHA-256 (the commitment) is public from the moment it exists. The first seed
@@ -20,14 +21,23 @@ SEED_BYTES = 32
 CACHE_MAX = 10_000
 
 
-def seed_context(benefit_id: str, period: str) -> str:
-    return f"drawseed:{benefit_id}/{period}"
+# table -> the purpose sealed with each seed (a seed opens only where it was made for)
+PURPOSES = {"draw_seeds": "drawseed", "room_seeds": "roomseed"}
+
+
+def seed_context(benefit_id: str, period: str, table: str = "draw_seeds") -> str:
+    return f"{PURPOSES[table]}:{benefit_id}/{period}"
 
 
 class DrawSeeds:
-    def __init__(self, pool: asyncpg.Pool, codes_key: str) -> None:
+    """Seeds kept in ``table``: ``draw_seeds`` (draws) or ``room_seeds`` (waiting rooms)."""
+
+    def __init__(self, pool: asyncpg.Pool, codes_key: str, table: str = "draw_seeds") -> None:
+        if table not in PURPOSES:
+            raise ValueError(f"no seed table {table!r}")
         self.pool = pool
         self.vault = Vault(codes_key)
+        self.table = table
         self._cache: dict[tuple[str, str], tuple[bytes, str]] = {}
 
     async def seed(self, benefit_id: str, period: str) -> bytes:
@@ -44,10 +54,11 @@ class DrawSeeds:
         cached = self._cache.get(key)
         if cached is not None:
             return cached
-        context = seed_context(benefit_id, period)
+        context = seed_context(benefit_id, period, self.table)
         try:
             row = await self.pool.fetchrow(
-                "SELECT sealed, commitment FROM draw_seeds WHERE benefit_id = $1 AND period = $2",
+                f"SELECT sealed, commitment FROM {self.table}"
+                " WHERE benefit_id = $1 AND period = $2",
                 benefit_id,
                 period,
             )
@@ -56,13 +67,13 @@ class DrawSeeds:
             if row is None:
                 fresh = secrets.token_bytes(SEED_BYTES)
                 row = await self.pool.fetchrow(
-                    """WITH made AS (
-                           INSERT INTO draw_seeds (benefit_id, period, sealed, commitment)
+                    f"""WITH made AS (
+                           INSERT INTO {self.table} (benefit_id, period, sealed, commitment)
                            VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING
                            RETURNING sealed, commitment)
                        SELECT sealed, commitment FROM made
                        UNION ALL
-                       SELECT sealed, commitment FROM draw_seeds
+                       SELECT sealed, commitment FROM {self.table}
                        WHERE benefit_id = $1 AND period = $2""",
                     benefit_id,
                     period,
@@ -77,7 +88,7 @@ class DrawSeeds:
             seed = bytes.fromhex(self.vault.open(row["sealed"], context))
         except VaultError as exc:
             raise BackendUnavailable(
-                "the draw's seed cannot be opened with this CLAIM_CODES_KEY"
+                f"the seed in {self.table} cannot be opened with this CLAIM_CODES_KEY"
             ) from exc
         if len(self._cache) >= CACHE_MAX:
             self._cache.clear()

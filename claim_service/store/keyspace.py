@@ -129,6 +129,17 @@ class BenefitKeys:
         """A draw's members: draws in a row without a pity prize (see ``claim.lua``)."""
         return f"{PREFIX}:{self.tag}:pity:{period}"
 
+    def room_keys(self, period: str) -> list[str]:
+        """KEYS for ``room.lua``: the configuration, the period's stock, the room's state
+        (admission frontier), its queue (ticket ids by place) and tickets (member -> id)."""
+        return [
+            self.config,
+            self.stock(period),
+            f"{PREFIX}:{self.tag}:room:{period}",
+            f"{PREFIX}:{self.tag}:queue:{period}",
+            f"{PREFIX}:{self.tag}:tickets:{period}",
+        ]
+
     def claim_keys(self, period: str, previous: str | None, tiers_period: str) -> list[str]:
         """KEYS for ``claim.lua``, in the order the script expects. ``previous`` is the period
         whose idempotency keys a retry may still match (none for a one-off release);
@@ -197,3 +208,4 @@ class Scripts:
         self.live: AsyncScript = client.register_script(lua_source("live"))
         self.codes: AsyncScript = client.register_script(lua_source("codes"))
         self.points: AsyncScript = client.register_script(lua_source("points"))
+        self.room: AsyncScript = client.register_script(lua_source("room"))

@@ -22,7 +22,7 @@ def test_the_order_follows_the_documented_steps() -> None:
     expected = sorted(
         tickets,
         key=lambda t: int.from_bytes(
-            hmac.new(seed, t.encode(), hashlib.sha256).digest()[:8], "big"
+            hmac.new(seed, t.encode(), hashlib.sha256).digest()[:6], "big"
         ),
     )
     assert order(seed, tickets, ["late-1", "late-0"]) == [*expected, "late-1", "late-0"]

@@ -3,9 +3,11 @@
 Starts the embedded Valkey and PostgreSQL (unless ``CLAIM_REDIS_URL``/``CLAIM_DATABASE_URL``
 are set), runs ``serve`` and ``writer`` as separate processes, creates a benefit through the
 admin API, loads a tier snapshot, then lets members race for the stock over HTTP from the
-moment it opens. Zones and a lounge pass priced in points (``demo_points``) ride along:
-V12+ members are credited, then spend their points during the same burst. Exits non-zero if
-any invariant fails.
+moment it opens, through the benefit's waiting room (``demo_room``): tickets before the
+opening, admission at the room's rate, claims with the admission token. Zones and a lounge
+pass priced in points (``demo_points``) ride along: V12+ members are credited, then spend
+their points during the same burst. The ops dashboard's address is printed at the start.
+Exits non-zero if any invariant fails.
 """
 
 from __future__ import annotations
@@ -32,11 +34,13 @@ from claim_service.domain import periods
 from claim_service.http.auth import mint_token
 from claim_service.local import demo_fulfilment, demo_points
 from claim_service.local.demo_report import BurstStats, DemoOptions, report, say, verdict
+from claim_service.local.demo_room import Room, room_config
 from claim_service.local.embedded import EmbeddedServers, free_port
 from claim_service.store.connections import create_pg_pool, create_redis
 from claim_service.store.migrations import migrate
 
-OPENS_IN_S = 3.0
+OPENS_IN_S = 8.0  # members take their tickets in the pre-queue meanwhile
+LATE_ARRIVALS = 0.2  # of the members, arriving in the seconds after the opening
 
 
 @contextlib.contextmanager
@@ -109,6 +113,10 @@ async def _demo(settings: Settings, options: DemoOptions) -> int:
         ) as http:
             await _wait_ready(http, base + "/readyz", procs, logfile)
             await _wait_ready(http, sim_url + "/stats", procs, logfile)
+            say(
+                f"ops dashboard (live while the demo runs): {admin_base}/admin/dashboard"
+                f"?token={settings.admin_token}"
+            )
             stamp = f"{datetime.now():%H%M%S}"
             benefit_id, lounge_id = f"video-{stamp}", f"lounge-{stamp}"
             await demo_points.create_zones(http, admin_base, settings)
@@ -118,11 +126,13 @@ async def _demo(settings: Settings, options: DemoOptions) -> int:
                                                    sim_url, options.codes)  # fmt: skip
             plan = await demo_points.setup_points(http, admin_base, redis, settings, lounge_id,
                                                   opens, tiers, options.seed)  # fmt: skip
+            room = Room(http, base, benefit_id, opens)
             stats, lounge = await asyncio.gather(
-                _burst(http, base, settings, benefit_id, opens, options),
+                _burst(http, base, settings, benefit_id, opens, options, room),
                 demo_points.lounge_rush(base, settings, plan, opens, options.seed),
             )
             checks = await report(pool, redis, settings, benefit_id, stats, options)
+            checks += await room.report(settings, benefit_id)
             settle_s = await demo_fulfilment.wait_settled(pool, benefit_id)
             checks += await demo_fulfilment.fulfilment_report(
                 pool, redis, http, sim_url, settings, benefit_id, settle_s
@@ -181,6 +191,7 @@ async def _setup(
         "quota": [{"min_tier": 4, "per_period": 1}, {"min_tier": 8, "per_period": 2}],
         "stock_per_period": options.stock,
         "release": {"type": "once", "opens_at": opens.isoformat()},
+        "waiting_room": room_config(options.stock),
         "options": [
             {
                 "option_id": "iqiyi",
@@ -232,15 +243,13 @@ async def _burst(
     benefit_id: str,
     opens: datetime,
     options: DemoOptions,
+    room: Room,
 ) -> BurstStats:
     stats = BurstStats()
     rng = random.Random(options.seed)
     url = f"{base}/v1/benefits/{benefit_id}/claims"
-    queue: asyncio.Queue[int] = asyncio.Queue()
     order = list(range(options.members))
     rng.shuffle(order)
-    for member in order:
-        queue.put_nowait(member)
     option_ids = ("iqiyi", "tencent", "youku")
     done = asyncio.Event()
 
@@ -249,13 +258,22 @@ async def _burst(
         async with http.post(url, json=body, headers=headers) as resp:
             return resp.status, await resp.json()
 
+    finished = 0
+
     async def member_session(member: int) -> None:
         user = f"m{member:06d}"
         headers = {"Authorization": "Bearer " + mint_token(settings, user, 600)}
+        token = await room.admission(user, headers, rng)
+        if token is None:
+            return
         attempt = 0
         while True:
             attempt += 1
-            body = {"request_id": f"{user}-{attempt}", "option_id": rng.choice(option_ids)}
+            body = {
+                "request_id": f"{user}-{attempt}",
+                "option_id": rng.choice(option_ids),
+                "admission_token": token,
+            }
             status, reply = await post(headers, body)
             code = reply.get("error", "accepted")
             if status == 425:  # early: wait for the opening like a real app would
@@ -279,26 +297,28 @@ async def _burst(
                 if status not in (200, 202) or again.get("claim_id") != reply["claim_id"]:
                     stats.replay_mismatch += 1
 
-    async def worker() -> None:
-        while not queue.empty():
-            member = queue.get_nowait()
-            try:
-                await member_session(member)
-            except (aiohttp.ClientError, TimeoutError, ValueError):
-                stats.outcomes["client_error"] += 1
+    async def arrive(member: int, at: float) -> None:
+        """A member opens the app at ``at`` (most before the opening, some after)."""
+        nonlocal finished
+        await asyncio.sleep(max(at - time.time(), 0))
+        try:
+            await member_session(member)
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError):
+            stats.outcomes["client_error"] += 1
+        finally:
+            finished += 1
 
     async def progress() -> None:
         width = 30
         tty = sys.stderr.isatty()
         while not done.is_set():
-            remaining = queue.qsize()
-            frac = 1 - remaining / max(options.members, 1)
+            frac = finished / max(options.members, 1)
             bar = "#" * int(frac * width)
             left = "?" if stats.stock_left is None else f"{stats.stock_left:,}"
             print(
-                f"\r  [{bar:<{width}}] {options.members - remaining:>6,}/{options.members:,} "
-                f"members  requests {stats.sent:>7,}  accepted {stats.accepted:>6,}  "
-                f"stock left {left:>6}",
+                f"\r  [{bar:<{width}}] {finished:>6,}/{options.members:,} members  "
+                f"tickets {len(room.stats.tickets):>6,}  admitted {room.stats.admitted:>6,}  "
+                f"claims {stats.sent:>7,}  accepted {stats.accepted:>6,}  stock left {left:>6}",
                 end="" if tty else "\n",
                 file=sys.stderr,
                 flush=True,
@@ -306,11 +326,17 @@ async def _burst(
             await asyncio.sleep(0.2 if tty else 2.0)
 
     ticker = asyncio.create_task(progress())
-    # Clients start hammering a second before the opening, as they do in real life.
-    await asyncio.sleep(max(opens.timestamp() - time.time() - 1.0, 0))
-    stats.opened_at = time.monotonic() + max(opens.timestamp() - time.time(), 0)
+    # Members open the app from now on: most in the pre-queue, some after the opening.
+    now, opening = time.time(), opens.timestamp()
+    arrivals = [
+        opening + rng.random() * 2.0
+        if rng.random() < LATE_ARRIVALS
+        else now + rng.random() * max(opening - now - 1.0, 0.5)
+        for _ in order
+    ]
+    stats.opened_at = time.monotonic() + max(opening - time.time(), 0)
     started = time.monotonic()
-    await asyncio.gather(*(worker() for _ in range(options.concurrency)))
+    await asyncio.gather(*(arrive(m, at) for m, at in zip(order, arrivals, strict=True)))
     stats.finished_at = time.monotonic()
     done.set()
     await ticker

@@ -316,3 +316,17 @@ async def test_early_arrival_gives_no_advantage_in_the_real_room(redis: Redis) -
     expected = ROOMS / ROOM_TICKETS
     statistic = sum((n - expected) ** 2 / expected for row in table for n in row)
     assert chi2_sf(statistic, (ROOM_TICKETS - 1) ** 2) > 0.001, statistic
+
+
+async def test_one_ticket_per_member_under_concurrent_retries(
+    client: Client, settings: Settings
+) -> None:
+    await open_room(client, settings, stock=5, opens_in_s=30, members=3)
+    answers = await asyncio.gather(*(join(client, settings, f"m{i % 3}") for i in range(60)))
+    for i in range(3):
+        mine = [body for j, (_, body) in enumerate(answers) if j % 3 == i]
+        assert len({body["ticket_id"] for body in mine}) == 1
+        assert sorted(status for j, (status, _) in enumerate(answers) if j % 3 == i) == [
+            200
+        ] * 19 + [201]
+    assert (await ticket(client, settings, "m0"))["queue_size"] == 3

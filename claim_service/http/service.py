@@ -14,7 +14,7 @@ from claim_service.claims.engine import ClaimEngine
 from claim_service.claims.live import LiveFeeds
 from claim_service.claims.rooms import WaitingRooms
 from claim_service.config import Settings
-from claim_service.http import admin, draws, events, member, partner, points, queue
+from claim_service.http import admin, dashboard, draws, events, member, partner, points, queue
 from claim_service.http.app import (
     ENGINE,
     HANDLER_ARGS,
@@ -112,10 +112,12 @@ def create_admin_app(settings: Settings, member_app: web.Application) -> web.App
         yield
 
     app.cleanup_ctx.append(shared)
+    app.cleanup_ctx.append(dashboard.feed)  # after ``shared``: it reads from those pools
     admin.add_routes(app)
     partner.add_admin_routes(app)
     points.add_admin_routes(app)
     member.add_ops_routes(app)
+    dashboard.add_routes(app)
     return app
 
 

@@ -1,6 +1,6 @@
 -- room.lua: a benefit's waiting room for one period, on the Redis server's clock.
 --
--- KEYS[1] cfg hash      (stock per period)
+-- KEYS[1] cfg hash      (stock per period, paused)
 -- KEYS[2] stock hash    (added, taken: the period's counters claim.lua keeps)
 -- KEYS[3] room hash     a = members admitted so far (a real number), at = when a was last
 --                       advanced (unix ms), seq = late arrivals so far
@@ -15,12 +15,12 @@
 --
 -- The admission frontier moves at ARGV[8] a second from the opening, computed lazily from
 -- the time elapsed at each call; it stands still while no stock is left (the room is closed)
--- and moves again after a top-up. It never runs more than one second's worth of admissions
+-- or the benefit is paused, and moves again after a top-up or the resume. It never runs more than one second's worth of admissions
 -- past the end of the queue, so an empty room does not bank admissions for a later crowd.
 --
 -- Returns {phase, ticket id or "", rank (0-based, -1: none), queue size, admitted (whole),
 --          stock left, now_ms, new (1 when this call made the ticket)}
--- phase: "early" (before the pre-queue), "prequeue", "open", "sold_out", "closed"
+-- phase: "early" (before the pre-queue), "prequeue", "open", "paused", "sold_out", "closed"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local opens = tonumber(ARGV[5])
@@ -29,7 +29,8 @@ local closes = tonumber(ARGV[7])
 local rate = tonumber(ARGV[8])
 local ttl = tonumber(ARGV[9])
 
-local stock = tonumber(redis.call('HGET', KEYS[1], 'stock') or '0')
+local cfg = redis.call('HMGET', KEYS[1], 'stock', 'paused')
+local stock = tonumber(cfg[1] or '0')
 local counters = redis.call('HMGET', KEYS[2], 'added', 'taken')
 local left = stock + tonumber(counters[1] or '0') - tonumber(counters[2] or '0')
 
@@ -47,6 +48,8 @@ elseif now < opens then
   phase = 'prequeue'
 elseif left <= 0 then
   phase = 'sold_out'
+elseif cfg[2] == '1' then
+  phase = 'paused'
 else
   phase = 'open'
 end
@@ -68,7 +71,8 @@ local ticket = ''
 local made = 0
 if user ~= '' then
   ticket = redis.call('HGET', KEYS[5], user) or ''
-  if ticket == '' and ARGV[1] == 'join' and (phase == 'prequeue' or phase == 'open') then
+  local giving = phase == 'prequeue' or phase == 'open' or phase == 'paused'
+  if ticket == '' and ARGV[1] == 'join' and giving then
     ticket = ARGV[3]
     local score
     if phase == 'prequeue' then

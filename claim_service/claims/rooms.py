@@ -5,8 +5,9 @@ A benefit with ``waiting_room`` gives tickets from ``prequeue_minutes`` before e
 tickets taken before the opening are shuffled by a seed committed when the first ticket was
 given (see ``domain.waiting_room``); later ones join the back. From the opening the room
 admits ``admit_per_s`` places a second while stock is left, and stands still while none is
-(the room is closed: ``sold_out``) until a top-up. An admitted member is given an admission
-token (``claims.admission``); while the release window is open every claim needs one.
+(the room is closed: ``sold_out``) until a top-up, and while the benefit is paused. An
+admitted member is given an admission token (``claims.admission``); while the release window
+is open every claim needs one.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ REFRESH_MIN_S, REFRESH_MAX_S = 1, 30
 STATUS = {
     rooms.EARLY: "not_open",
     rooms.PREQUEUE: "prequeue",
+    rooms.PAUSED: "paused",
     rooms.SOLD_OUT: "sold_out",
     rooms.CLOSED: "closed",
 }

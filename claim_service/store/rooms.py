@@ -18,7 +18,8 @@ from claim_service.errors import BackendUnavailable
 from claim_service.store.keyspace import PERIOD_KEY_TTL_S, BenefitKeys, Scripts, text
 
 # The room's phases, as room.lua names them.
-EARLY, PREQUEUE, OPEN, SOLD_OUT, CLOSED = "early", "prequeue", "open", "sold_out", "closed"
+EARLY, PREQUEUE, OPEN, PAUSED = "early", "prequeue", "open", "paused"
+SOLD_OUT, CLOSED = "sold_out", "closed"
 
 
 @dataclass(frozen=True)

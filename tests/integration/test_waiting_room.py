@@ -330,3 +330,22 @@ async def test_one_ticket_per_member_under_concurrent_retries(
             200
         ] * 19 + [201]
     assert (await ticket(client, settings, "m0"))["queue_size"] == 3
+
+
+async def test_admissions_stand_still_while_paused(client: Client, settings: Settings) -> None:
+    await open_room(client, settings, stock=50, opens_in_s=-0.5, members=0)
+    for i in range(40):
+        assert (await join(client, settings, f"m{i}"))[0] == 201
+    answer = await client.post("/admin/v1/benefits/video/pause", headers=admin(settings))
+    assert answer.status == 200
+    paused = await ticket(client, settings, "m39")
+    assert paused["status"] == "paused" and "admission_token" not in paused
+    await asyncio.sleep(0.8)
+    assert (await ticket(client, settings, "m39"))["admitted"] == paused["admitted"]
+    answer = await client.post("/admin/v1/benefits/video/resume", headers=admin(settings))
+    assert answer.status == 200
+
+    async def moving() -> bool:
+        return bool((await ticket(client, settings, "m39"))["admitted"] > paused["admitted"])
+
+    await wait_for(moving, within=5)

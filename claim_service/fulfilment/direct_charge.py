@@ -9,13 +9,17 @@ Without an answer the claim keeps waiting (``outcome_unknown_since``) and is ask
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import time
 from datetime import datetime
 from typing import Any
 
 import aiohttp
 import asyncpg
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from claim_service import metrics
 from claim_service.config import Settings
@@ -34,6 +38,7 @@ from claim_service.fulfilment.partners import (
     send_order,
 )
 from claim_service.store.claim_states import transition
+from claim_service.store.partner_health import REPORT_EVERY_S, report_breaker
 from claim_service.store.vault import Vault
 
 log = logging.getLogger(__name__)
@@ -49,6 +54,8 @@ class DirectCharge(Leases):
         self.vault = Vault(settings.codes_key)
         self.partners = PartnerDirectory(pool, self.vault)
         self.breakers: dict[str, CircuitBreaker] = {}
+        self._reported: dict[str, tuple[str, float]] = {}  # partner -> state, when told
+        self._reports: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
 
     async def _direct_charge(self, claim: dict[str, Any]) -> None:
@@ -67,6 +74,7 @@ class DirectCharge(Leases):
         )
         if not breaker.allow():
             metrics.PARTNER_CIRCUIT.labels(partner_id).set(1)
+            self._report(partner_id, breaker.state)
             await self._defer(claim, breaker.retry_in())
             return
         if claim["status"] == FULFILLING and claim["attempts"] >= partner.max_attempts:
@@ -183,6 +191,24 @@ class DirectCharge(Leases):
     def _record_call(self, breaker: CircuitBreaker, partner_id: str, result: OrderResult) -> None:
         breaker.record(result.outcome is not Outcome.UNKNOWN)
         metrics.PARTNER_CIRCUIT.labels(partner_id).set(1 if breaker.state == "open" else 0)
+        self._report(partner_id, breaker.state)
+
+    def _report(self, partner_id: str, state: str) -> None:
+        """Tell watchers (the dashboard) the breaker's state: on a change, and every few
+        seconds while calls go on, in the background (a Redis error only delays it)."""
+        last = self._reported.get(partner_id)
+        now = time.monotonic()
+        if last is not None and last[0] == state and now - last[1] < REPORT_EVERY_S:
+            return
+        self._reported[partner_id] = (state, now)
+
+        async def send() -> None:
+            with contextlib.suppress(RedisError, OSError):
+                await report_breaker(self.redis, partner_id, self.name, state)
+
+        task = asyncio.get_running_loop().create_task(send())
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:

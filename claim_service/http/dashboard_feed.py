@@ -15,8 +15,9 @@ Where each number comes from, and so how far it reaches:
   (the streams), fulfilment states, partner orders and card-key pools (PostgreSQL);
 - this serve (all its workers under ``--workers N``, else this process), since it started:
   decisions by outcome, 503/429 shed counts, and breaker state and drift as far as they are
-  reported to this serve's metrics (drift by a ``serve --writer``; ``fulfil`` keeps its
-  breakers in its own process, so they show only when it shares ``PROMETHEUS_MULTIPROC_DIR``);
+  reported to this serve's metrics (drift by a ``serve --writer``);
+- every fulfil worker: partners' breaker states, as each reports them to Redis
+  (``store.partner_health``; the worst fresh one per partner);
 - this worker: the claims/s history, sampled only while this worker had a viewer (gaps
   otherwise).
 """
@@ -54,6 +55,7 @@ from claim_service.http.dashboard_rows import (
 )
 from claim_service.store import rooms
 from claim_service.store.keyspace import BenefitKeys, text
+from claim_service.store.partner_health import breaker_states, read_breakers
 from claim_service.store.reconcile import free_codes
 
 log = logging.getLogger(__name__)
@@ -109,6 +111,7 @@ class Dashboard:
         self.pg_every_s = pg_every_s
         self.registry = registry or metrics.registry()
         self._rooms_service = WaitingRooms(engine, redis, pool)
+        self._breakers: dict[bytes | str, bytes | str] = {}
         self.scope = "serve" if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else "process"
         self.viewers = 0
         self.closed = False
@@ -187,6 +190,7 @@ class Dashboard:
         try:
             self._live = await self._read_redis()
             self._rooms = await self._waiting_rooms(self._live)
+            self._breakers = await read_breakers(self.redis)
             self._redis_ok = True
             self._count_rate()
         except REDIS_ERRORS as exc:
@@ -318,6 +322,8 @@ class Dashboard:
             if o["codes_free"] is not None
         }
         partner_ids = sorted({o["partner"] for b in self._live for o in b["options"]} - {None})
+        # what the fulfil workers report (see ``partner_health``), else this serve's metrics
+        reported = breaker_states(self._breakers, int(time.time() * 1000))
         return {
             "at_ms": int(time.time() * 1000),
             "worker": os.getpid(),
@@ -342,7 +348,7 @@ class Dashboard:
             "partners": [
                 {
                     "partner_id": partner_id,
-                    "breaker": metric["breakers"].get(partner_id),
+                    "breaker": reported.get(partner_id, metric["breakers"].get(partner_id)),
                     **pg["partners"].get(partner_id, partner_counts()),
                 }
                 for partner_id in partner_ids

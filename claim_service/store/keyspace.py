@@ -31,6 +31,8 @@ ZONES_KEY = f"{PREFIX}:zones"  # hash zone_id -> zone JSON, mirrored from Postgr
 POINTS_KEY = f"{PREFIX}:points"
 POINTS_LIVE_KEY = f"{PREFIX}:points:live"
 POINTS_HOLDS_KEY = f"{PREFIX}:points:holds"
+# Partners' circuit breakers as each fulfil worker last reported them (see ``partner_health``).
+BREAKERS_KEY = f"{PREFIX}:partners:breakers"
 # PostgreSQL NOTIFY channel: the writer wakes fulfil workers when it has persisted claims.
 CLAIMS_WRITTEN_CHANNEL = "claims_written"
 WRITER_GROUP = "writers"

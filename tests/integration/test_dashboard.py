@@ -25,6 +25,7 @@ from claim_service.domain import periods
 from claim_service.http.dashboard import COOKIE, DASHBOARD, POLICY, session_cookie
 from claim_service.http.member import openapi_document
 from claim_service.store.keyspace import BenefitKeys, Scripts
+from claim_service.store.partner_health import report_breaker
 from claim_service.store.reconcile import Reconciler
 from tests.helpers import Client, admin, auth, benefit_body, direct, drain, fast, settle, wait_for
 
@@ -220,6 +221,13 @@ async def test_the_feed_follows_a_release(
             assert reported["points_drift"] == 0
         finally:
             metrics.PARTNER_CIRCUIT.labels(PARTNER).set(0)
+
+        # Breakers as the fulfil workers report them: the worst fresh state wins.
+        await report_breaker(redis, PARTNER, "fulfil-a", "closed")
+        await report_breaker(redis, PARTNER, "fulfil-b", "half_open")
+        reported = await feed.until(
+            lambda s: any(p["breaker"] == "half_open" for p in s["partners"])
+        )
 
         # Redis stops vouching for the benefit (as after a restart): the row says so.
         await Scripts(redis).live(keys=[BenefitKeys(BENEFIT).live], args=["clear"])

@@ -21,6 +21,7 @@ from claim_service.fulfilment.signing import signed_headers
 from claim_service.fulfilment.worker import FulfilmentWorker
 from claim_service.local.partner_sim import PartnerSimulator
 from claim_service.store.keyspace import BenefitKeys
+from claim_service.store.partner_health import breaker_states, read_breakers
 from tests.helpers import (
     SECRET,
     admin,
@@ -138,6 +139,9 @@ async def test_circuit_breaker_stops_hammering_and_recovers(
         await asyncio.sleep(1.5)
         # 30 claims retried every <=150 ms would be ~300 calls in 1.5 s; open, only probes go.
         assert sim.stats()["requests"] - first_wave <= 6
+        # The worker tells watchers (the dashboard) its breaker is open.
+        states = breaker_states(await read_breakers(redis), int(time.time() * 1000))
+        assert states["sim"] in ("open", "half_open")
         sim.config = replace(sim.config, failure_rate=0.0)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -149,6 +153,9 @@ async def test_circuit_breaker_stops_hammering_and_recovers(
         await task
     assert await pool.fetchval("SELECT count(*) FROM claims WHERE status = 'fulfilled'") == 30
     assert sim.stats()["double_charged"] == 0
+    await asyncio.sleep(0.1)  # the last report is sent in the background
+    states = breaker_states(await read_breakers(redis), int(time.time() * 1000))
+    assert states["sim"] == "closed"
 
 
 async def _sent_order(

@@ -45,6 +45,7 @@ def instance_name() -> str:
 
 DURABILITY_MODES = ("none", "local", "replica")
 SENTINEL_SCHEME = "redis+sentinel"
+CLUSTER_SCHEME = "redis+cluster"
 
 DEV_JWT_SECRET = "dev-only-secret-change-me-0123456789abcdef"
 DEV_ADMIN_TOKEN = "dev-admin-token"
@@ -226,8 +227,9 @@ def is_loopback(host: str | None) -> bool:
 
 def url_is_local(url: str) -> bool:
     """True when a Redis or PostgreSQL URL names this machine (loopback or a Unix socket)."""
-    if url.startswith(SENTINEL_SCHEME + "://"):
-        # The sentinels can be checked here; the master is wherever they say it is.
+    if url.startswith((SENTINEL_SCHEME + "://", CLUSTER_SCHEME + "://")):
+        # The sentinels (the cluster's seed nodes) can be checked here; the master is
+        # wherever they say it is.
         hosts = urlsplit(url).netloc.rpartition("@")[2].split(",")
         return all(url_is_local(f"redis://{host}") for host in hosts)
     try:

@@ -27,6 +27,8 @@
 -- ARGV[5] opens_at ms   ARGV[6] closes_at ms (0: none)
 -- ARGV[7] ttl of the per-period keys in seconds   ARGV[8] n = number of claims
 -- then n groups of 6: user_id, request_id, options, new claim_id, account, draw value
+-- then, on a Redis Cluster (where the tier snapshot lives in another slot), the n members'
+-- tiers as read by the caller from that snapshot (KEYS[6] is then not read)
 -- where options is one option id or, for a bundle, the chosen ids joined by "," (distinct),
 -- and the draw value (a draw benefit only, "" otherwise) is the claim's HMAC value v < 2^48.
 --
@@ -99,6 +101,7 @@ local opens_ms = tonumber(ARGV[5])
 local closes_ms = tonumber(ARGV[6])
 local ttl = tonumber(ARGV[7])
 local n = tonumber(ARGV[8])
+local tiers_passed = #ARGV >= 8 + n * 7
 
 local counters = redis.call('HMGET', KEYS[2], 'added', 'taken')
 local added = tonumber(counters[1] or '0')
@@ -305,7 +308,11 @@ for i = 0, n - 1 do
         code = 'unknown_option'
       end
     end
-    tier = tonumber(redis.call('HGET', KEYS[6], user) or '0')
+    if tiers_passed then
+      tier = tonumber(ARGV[9 + n * 6 + i]) or 0
+    else
+      tier = tonumber(redis.call('HGET', KEYS[6], user) or '0')
+    end
     local used = 0
     if code == nil then
       used = tonumber(redis.call('HGET', KEYS[3], user) or '0')

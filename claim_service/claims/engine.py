@@ -34,6 +34,7 @@ from claim_service.domain import periods
 from claim_service.domain.catalogue import Benefit
 from claim_service.domain.draws import draw_value
 from claim_service.errors import BackendUnavailable, NotFoundError
+from claim_service.store.connections import is_cluster
 from claim_service.store.draw_seeds import DrawSeeds
 from claim_service.store.keyspace import (
     PERIOD_KEY_TTL_S,
@@ -41,6 +42,7 @@ from claim_service.store.keyspace import (
     BenefitKeys,
     Scripts,
     text,
+    tiers_key,
 )
 from claim_service.store.recovery import Recovery
 
@@ -92,6 +94,7 @@ class ClaimEngine:
         self.tz = settings.tz
         self.calendar = calendar or periods.Calendar(settings.tz)
         self.scripts = Scripts(redis)
+        self.cluster = is_cluster(redis)
         self.recovery = Recovery(pool, redis, settings, self.calendar) if pool else None
         self.seeds = DrawSeeds(pool, settings.codes_key) if pool else None
         self.catalogue = BenefitCache(redis, self.tz, self.recovery)
@@ -181,6 +184,10 @@ class ClaimEngine:
             self.local_answers += 1
             metrics.CLAIM_LOCAL_ANSWERS.labels(local.code).inc()
             return local
+        if self.cluster and benefit.priced:
+            # The points mirror is one key for every benefit: on a cluster it is in another
+            # slot than the benefit's, and one script cannot touch both.
+            raise BackendUnavailable("benefits priced in points are not served on a cluster yet")
         # An option this copy of the benefit lacks still goes to claim.lua: a retry of an
         # accepted request must get its claim back, and the option may be newer than the copy.
         loop = asyncio.get_running_loop()
@@ -268,6 +275,10 @@ class ClaimEngine:
                 ]
             sent_at = time.time()
             try:
+                if self.cluster:  # the tier snapshot is in another slot: read, then passed
+                    users = [item.request.user_id for item in batch]
+                    tiers = await self.redis.hmget(tiers_key(span.tiers_period), users)
+                    argv += [0 if t is None else int(t) for t in tiers]
                 raw, replied_at, durable = await self._run_script(keys, span, argv)
             except RedisError as exc:
                 raise BackendUnavailable("Redis is unavailable") from exc
@@ -317,7 +328,9 @@ class ClaimEngine:
         """``claim.lua``'s reply, when it came, and whether what it accepted or replayed is
         durable. With ``CLAIM_DURABILITY`` on, the script runs on a connection of its own and
         the wait for durability follows on it (it waits for that connection's writes)."""
-        claim_keys = keys.claim_keys(span.period, span.previous, span.tiers_period)
+        claim_keys = keys.claim_keys(
+            span.period, span.previous, span.tiers_period, cluster=self.cluster
+        )
         if not self.durability.enabled:
             raw = await self.scripts.claim(keys=claim_keys, args=argv)
             return raw, time.time(), True

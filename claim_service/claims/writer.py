@@ -31,6 +31,7 @@ from claim_service.claims.persist import CONFLICTS_SQL, claim_row, insert_claims
 from claim_service.config import Settings, instance_name
 from claim_service.errors import BackendUnavailable
 from claim_service.store.anomalies import REQUEST_CONFLICT, record_anomaly
+from claim_service.store.connections import is_cluster
 from claim_service.store.keyspace import (
     CATALOGUE_KEY,
     CLAIMS_WRITTEN_CHANNEL,
@@ -175,6 +176,15 @@ class ClaimWriter:
         return streams
 
     async def _read_and_write(self, streams: list[str], cursor: str, block: int | None) -> int:
+        if is_cluster(self.redis) and len(streams) > 1:
+            # A cluster reads one slot per command: each benefit's stream on its own, none
+            # of them blocking, then a pause as long as the block when all were empty.
+            handled = 0
+            for one in streams:
+                handled += await self._read_and_write([one], cursor, None)
+            if handled == 0 and block:
+                await asyncio.sleep(block / 1000)
+            return handled
         try:
             reply = await self.redis.xreadgroup(
                 WRITER_GROUP,
@@ -308,7 +318,7 @@ class ClaimWriter:
         claim_id, request_id, user_id, benefit_id, option_id, period = row[:6]
         keys = BenefitKeys(benefit_id)
         done = await Scripts(self.redis).refund(
-            keys=keys.refund_keys(period),
+            keys=keys.refund_keys(period, cluster=is_cluster(self.redis)),
             args=[
                 claim_id,
                 user_id,

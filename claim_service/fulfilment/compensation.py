@@ -26,6 +26,7 @@ from claim_service.domain.lifecycle import ACCEPTED, FAILED, REFUNDED
 from claim_service.errors import BackendUnavailable, ConflictError, NotFoundError
 from claim_service.metrics import REFUNDS
 from claim_service.store.claim_states import transition
+from claim_service.store.connections import is_cluster
 from claim_service.store.keyspace import PERIOD_KEY_TTL_S, BenefitKeys, Scripts, text
 from claim_service.store.points_ledger import claim_taken, record_refund
 from claim_service.store.stock_events import announce
@@ -63,7 +64,7 @@ async def _refund_in_redis(redis: Redis, row: asyncpg.Record, points: str) -> tu
         and (row["failure_reason"] != "no_code")
     )
     reply = await Scripts(redis).refund(
-        keys=keys.refund_keys(row["period"]),
+        keys=keys.refund_keys(row["period"], cluster=is_cluster(redis)),
         args=[
             row["claim_id"],
             row["user_id"],

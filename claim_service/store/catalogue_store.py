@@ -64,7 +64,8 @@ async def push_benefit(redis: Redis, benefit: Benefit) -> bool:
     for name, value in config_fields(benefit).items():
         argv += [name, value]
     try:
-        written = await Scripts(redis).push_config(keys=[keys.config, CATALOGUE_KEY], args=argv)
+        written = await Scripts(redis).push_config(keys=[keys.config], args=argv)
+        await redis.sadd(CATALOGUE_KEY, benefit.benefit_id)  # listed once its cfg exists
     except RedisError as exc:
         raise BackendUnavailable("could not push the benefit to Redis") from exc
     await announce(redis, benefit.benefit_id)

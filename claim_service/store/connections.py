@@ -5,6 +5,12 @@
 then asks the sentinels where the master is on every new connection, and drops connections
 to a master that was demoted (``READONLY``) or went away, so it follows a failover by itself.
 The password, if any, is the master's; the sentinels are asked without one.
+
+``redis+cluster://[[user]:password@]HOST:PORT[,HOST:PORT…]`` connects to a Redis or Valkey
+Cluster through any of the nodes named (redis-py's cluster client, which learns the slot map
+and follows MOVED/ASK). It never tears down every connection on a burst of MOVED replies
+(``reinitialize_steps=0``): doing so under load made commands in flight fail after they had
+run, and their retries ran them twice; the slot map is refreshed on each MOVED instead.
 """
 
 from __future__ import annotations
@@ -13,15 +19,16 @@ import asyncio
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote
 
 import asyncpg
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.exceptions import RedisError
 
-from claim_service.config import SENTINEL_SCHEME
+from claim_service.config import CLUSTER_SCHEME, SENTINEL_SCHEME
 from claim_service.errors import BackendUnavailable, ConfigError
 from claim_service.store.keyspace import (
     REDIS_CONNECT_RETRIES,
@@ -74,15 +81,30 @@ def parse_sentinel_url(url: str) -> SentinelAddress:
     return SentinelAddress(sentinels, unquote(parts[0]), db, username, password)
 
 
-def _host_port(item: str) -> tuple[str, int]:
+def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], str | None, str | None]:
+    """``redis+cluster://[[user]:password@]HOST:PORT[,HOST:PORT…]``: the seed nodes, the
+    username and the password."""
+    match = re.match(
+        re.escape(CLUSTER_SCHEME) + r"://(?:([^:@/]*)(?::([^@/]*))?@)?([^/?#]*)/?\Z", url
+    )
+    if match is None:
+        raise ConfigError("CLAIM_REDIS_URL: expected redis+cluster://HOST:PORT[,HOST:PORT...]")
+    user, password, hosts = match.groups()
+    nodes = [_host_port(item, 6379) for item in hosts.split(",") if item]
+    if not nodes:
+        raise ConfigError("CLAIM_REDIS_URL: a cluster URL names at least one node")
+    return nodes, unquote(user) if user else None, unquote(password) if password else None
+
+
+def _host_port(item: str, default_port: int = SENTINEL_DEFAULT_PORT) -> tuple[str, int]:
     if item.startswith("["):  # [IPv6]:port
         host, _, port = item[1:].partition("]")
         port = port.removeprefix(":")
     else:
         host, _, port = item.rpartition(":") if ":" in item else (item, "", "")
     if not host or (port and not port.isdigit()):
-        raise ConfigError(f"CLAIM_REDIS_URL: bad sentinel address {item!r}")
-    return host, int(port) if port else SENTINEL_DEFAULT_PORT
+        raise ConfigError(f"CLAIM_REDIS_URL: bad node address {item!r}")
+    return host, int(port) if port else default_port
 
 
 class SentinelBlockingConnectionPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
@@ -134,6 +156,21 @@ async def create_redis(
             password=address.password,
             **options,
         )
+    elif url.startswith(CLUSTER_SCHEME + "://"):
+        nodes, username, password = parse_cluster_url(url)
+        cluster = RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in nodes],
+            reinitialize_steps=0,
+            max_connections=max_connections,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            health_check_interval=HEALTH_CHECK_INTERVAL_S,
+            username=username,
+            password=password,
+        )
+        # The commands the service uses are the same on both clients; where they differ
+        # (pipelines of scripts, node-local commands), ``is_cluster`` tells.
+        client = cast(aioredis.Redis, cluster)
     else:
         pool = aioredis.BlockingConnectionPool.from_url(url, **options)
         client = aioredis.Redis(connection_pool=pool)
@@ -143,11 +180,23 @@ async def create_redis(
             return client
         except (RedisError, OSError) as exc:
             if attempt == REDIS_CONNECT_RETRIES:
-                await client.aclose(close_connection_pool=True)
+                await close_redis(client)
                 raise BackendUnavailable(f"Redis at {redact(url)} is unreachable") from exc
             log.warning("Redis not reachable yet (%s), retry %d", exc, attempt)
             await asyncio.sleep(min(0.1 * 2**attempt, 2.0))
     raise AssertionError("unreachable")
+
+
+def is_cluster(client: object) -> bool:
+    """Whether ``client`` talks to a Redis Cluster."""
+    return isinstance(client, RedisCluster)
+
+
+async def close_redis(client: aioredis.Redis) -> None:
+    if isinstance(client, RedisCluster):
+        await client.aclose()
+    else:
+        await client.aclose(close_connection_pool=True)
 
 
 async def create_pg_pool(

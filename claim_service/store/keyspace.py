@@ -142,11 +142,16 @@ class BenefitKeys:
             f"{PREFIX}:{self.tag}:tickets:{period}",
         ]
 
-    def claim_keys(self, period: str, previous: str | None, tiers_period: str) -> list[str]:
+    def claim_keys(
+        self, period: str, previous: str | None, tiers_period: str, *, cluster: bool = False
+    ) -> list[str]:
         """KEYS for ``claim.lua``, in the order the script expects. ``previous`` is the period
         whose idempotency keys a retry may still match (none for a one-off release);
-        ``tiers_period`` the month whose tier snapshot applies (the current one)."""
-        return [
+        ``tiers_period`` the month whose tier snapshot applies (the current one). On a
+        cluster every key must be in the benefit's slot: the tier snapshot and the points
+        mirror are not, so placeholders in the slot stand for them (the caller passes the
+        members' tiers; a benefit priced in points is not served on a cluster)."""
+        keys = [
             self.config,
             self.stock(period),
             self.used(period),
@@ -162,10 +167,21 @@ class BenefitKeys:
             POINTS_LIVE_KEY,
             self.pity(period),
         ]
+        if cluster:
+            keys[5], keys[11], keys[12] = self.elsewhere("tiers"), *self._no_points()
+        return keys
 
-    def refund_keys(self, period: str) -> list[str]:
-        """KEYS for ``refund.lua``."""
-        return [
+    def elsewhere(self, name: str) -> str:
+        """A key in the benefit's slot standing for one outside it (never written)."""
+        return f"{PREFIX}:{self.tag}:elsewhere:{name}"
+
+    def _no_points(self) -> tuple[str, str]:
+        return self.elsewhere("points"), self.elsewhere("points-live")
+
+    def refund_keys(self, period: str, *, cluster: bool = False) -> list[str]:
+        """KEYS for ``refund.lua`` (on a cluster, without the points mirror: see
+        ``claim_keys``)."""
+        keys = [
             self.stock(period),
             self.used(period),
             self.refunded(period),
@@ -175,6 +191,9 @@ class BenefitKeys:
             POINTS_KEY,
             POINTS_LIVE_KEY,
         ]
+        if cluster:
+            keys[6], keys[7] = self._no_points()
+        return keys
 
 
 def benefit_id_from_stream(stream_key: str) -> str:

@@ -24,24 +24,34 @@ replicas online than required). Replicas lost later make claims answer ``503``, 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    ConnectionError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 
 from claim_service import metrics
 from claim_service.config import Settings
-from claim_service.errors import ConfigError
+from claim_service.errors import BackendUnavailable, ConfigError
 from claim_service.store.connections import is_cluster
-from claim_service.store.keyspace import PERIOD_KEY_TTL_S, text
+from claim_service.store.keyspace import PERIOD_KEY_TTL_S, REDIS_SOCKET_TIMEOUT_S, text
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +90,28 @@ class HeldConnection:
 
 
 @asynccontextmanager
-async def held_connection(redis: Redis) -> AsyncIterator[HeldConnection]:
-    """A connection of ``redis``'s pool for the duration; dropped if it broke mid-command."""
+async def held_connection(redis: Redis, key: str = "") -> AsyncIterator[HeldConnection]:
+    """A connection of ``redis``'s pool for the duration; dropped if it broke mid-command.
+    On a cluster, a connection to the primary serving ``key``'s slot: if the slot moved or
+    the node failed, the client's slot map is refreshed for the next call (this one fails,
+    and nothing ran, or it ran where the slot was: a retry of the same request finds it)."""
+    if is_cluster(redis):
+        cluster = cast(RedisCluster, redis)
+        node = cluster.get_node_from_key(key)
+        if node is None:
+            raise BackendUnavailable("no primary serves this benefit's slot now")
+        conn = node.acquire_connection()
+        try:
+            yield HeldConnection(conn)
+        except BaseException as exc:
+            if not isinstance(exc, ResponseError):
+                await conn.disconnect()
+            if isinstance(exc, (AskError, ClusterDownError, TryAgainError, ConnectionError)):
+                await _refresh_slots(cluster)
+            raise
+        finally:
+            node.release(conn)
+        return
     pool = redis.connection_pool
     conn = await pool.get_connection()  # type: ignore[no-untyped-call]
     try:
@@ -92,6 +122,11 @@ async def held_connection(redis: Redis) -> AsyncIterator[HeldConnection]:
         raise
     finally:
         await pool.release(conn)
+
+
+async def _refresh_slots(cluster: RedisCluster) -> None:
+    with contextlib.suppress(RedisError, OSError):
+        await cluster.nodes_manager.initialize()
 
 
 class DurableAck:
@@ -223,17 +258,22 @@ async def check_server(redis: Redis, settings: Settings) -> list[str]:
     about what could not be verified."""
     if settings.durability == "none":
         return []
-    if is_cluster(redis):
-        # WAITAOF/WAIT must follow the write on its own connection to the slot's primary;
-        # that path is not built for the cluster client yet.
-        raise ConfigError(
-            f"CLAIM_DURABILITY={settings.durability} is not supported on a Redis Cluster yet "
-            "(use none, with appendfsync always on the primaries)"
+    if is_cluster(redis):  # every primary must honour it: each decides its slots' claims
+        refusals, warnings = [], []
+        for node in cast(RedisCluster, redis).get_primaries():
+            one = Redis(host=node.host, port=int(node.port), socket_timeout=REDIS_SOCKET_TIMEOUT_S)
+            try:
+                facts = await server_facts(one)
+            finally:
+                await one.aclose()
+            found = durability_problems(settings.durability, settings.durability_replicas, facts)
+            refusals += [f"{node.host}:{node.port}: {r}" for r in found[0]]
+            warnings += [f"{node.host}:{node.port}: {w}" for w in found[1]]
+    else:
+        facts = await server_facts(redis)
+        refusals, warnings = durability_problems(
+            settings.durability, settings.durability_replicas, facts
         )
-    facts = await server_facts(redis)
-    refusals, warnings = durability_problems(
-        settings.durability, settings.durability_replicas, facts
-    )
     if refusals:
         raise ConfigError(
             f"CLAIM_DURABILITY={settings.durability} cannot be honoured by this Redis: "

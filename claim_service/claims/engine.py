@@ -334,7 +334,7 @@ class ClaimEngine:
         if not self.durability.enabled:
             raw = await self.scripts.claim(keys=claim_keys, args=argv)
             return raw, time.time(), True
-        async with held_connection(self.redis) as conn:
+        async with held_connection(self.redis, keys.config) as conn:
             raw = await conn.script(self.scripts.claim, claim_keys, argv)
             replied_at = time.time()
             codes = {text(code) for code in raw[2::RESULT_WIDTH]}

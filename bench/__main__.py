@@ -59,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--record", action="store_true", help="also write bench/results/event_streams.md"
     )
     p.add_argument("--output", type=Path, help="run folder (default bench/runs/<time>-…/)")
+    p = sub.add_parser(
+        "cluster-scaling",
+        help="claim decisions/s on one Valkey vs a three-primary cluster, Redis CPU per claim",
+    )
+    p.add_argument("--quick", action="store_true", help="one short round each (a smoke run)")
+    p.add_argument(
+        "--record", action="store_true", help="also write bench/results/cluster_scaling.md"
+    )
     return parser
 
 
@@ -89,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import event_streams
 
         return event_streams.main(quick=args.quick, record=args.record, output=args.output)
+    if args.benchmark == "cluster-scaling":
+        from bench import cluster_scaling
+
+        return cluster_scaling.main(quick=args.quick, record=args.record, results_dir=RESULTS_DIR)
     raise AssertionError(args.benchmark)
 
 

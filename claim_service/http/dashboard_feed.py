@@ -54,6 +54,7 @@ from claim_service.http.dashboard_rows import (
     phase,
 )
 from claim_service.store import rooms
+from claim_service.store.connections import is_cluster
 from claim_service.store.keyspace import BenefitKeys, text
 from claim_service.store.partner_health import breaker_states, read_breakers
 from claim_service.store.reconcile import free_codes
@@ -218,18 +219,33 @@ class Dashboard:
                 benefits.append(benefit)
         clock_ms = self.engine.redis_ms()
         spans = [self.engine.span(b, clock_ms) for b in benefits]
+        cluster = is_cluster(self.redis)
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.time()
+            if not cluster:  # a cluster pipeline takes neither TIME nor scripts
+                pipe.time()
             for benefit, span in zip(benefits, spans, strict=True):
                 keys = BenefitKeys(benefit.benefit_id)
-                await self.engine.scripts.live(keys=[keys.live], args=["check"], client=pipe)
+                if not cluster:
+                    await self.engine.scripts.live(keys=[keys.live], args=["check"], client=pipe)
                 pipe.hgetall(keys.stock(span.period))
                 pipe.xlen(keys.stream)
                 pipe.xrange(keys.stream, count=1)
                 pipe.hgetall(keys.codes)
             replies = await pipe.execute()
-        seconds, micros = replies[0]
-        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        if cluster:  # each benefit's marker checked on its own primary; the clock as seen
+            marks = [
+                await self.engine.scripts.live(
+                    keys=[BenefitKeys(b.benefit_id).live], args=["check"]
+                )
+                for b in benefits
+            ]
+            replies = [None] + [
+                x for i, mark in enumerate(marks) for x in (mark, *replies[4 * i : 4 * i + 4])
+            ]
+            now_ms = self.engine.redis_ms()
+        else:
+            seconds, micros = replies[0]
+            now_ms = int(seconds) * 1000 + int(micros) // 1000
         rows = []
         for i, (benefit, span) in enumerate(zip(benefits, spans, strict=True)):
             marked, stock, backlog, oldest, codes = replies[1 + 5 * i : 6 + 5 * i]

@@ -25,12 +25,14 @@ from claim_service.config import Settings
 from claim_service.domain import periods
 from claim_service.domain.catalogue import parse_benefit
 from claim_service.errors import BackendUnavailable, ConfigError
+from claim_service.http.dashboard import DASHBOARD
 from claim_service.store import catalogue_store
 from claim_service.store.connections import is_cluster
 from claim_service.store.keyspace import BenefitKeys
 from claim_service.store.tiers import save_tiers
 from tests.helpers import benefit_body, drain, fast
 from tests.integration import test_claim_properties, test_concurrency, test_warm, test_writer
+from tests.integration import test_dashboard as td
 
 Client = TestClient[Any, Any]
 EXAMPLES = int(os.environ.get("CLAIM_CLUSTER_EXAMPLES", "15"))
@@ -123,3 +125,21 @@ async def test_what_a_cluster_cannot_serve_yet_is_refused_clearly(
     # Every primary must honour a durability mode: these have no AOF.
     with pytest.raises(ConfigError, match="appendonly no"):
         await check_server(cluster_redis, replace(cluster_settings, durability="local"))
+
+
+async def test_the_dashboard_follows_a_release_on_a_cluster(
+    cluster_client: Client, cluster_settings: Settings
+) -> None:
+    board = cluster_client.admin_app  # type: ignore[attr-defined]
+    board[DASHBOARD].tick_s = board[DASHBOARD].pg_every_s = 0.25
+    await td.release(cluster_client, cluster_settings)
+    async with td.watching(cluster_client, cluster_settings) as feed:
+        await feed.until(lambda s: any(b["benefit_id"] == td.BENEFIT for b in s["benefits"]))
+        statuses = await asyncio.gather(
+            *(td.claim(cluster_client, cluster_settings, f"u{i}", "r") for i in range(td.MEMBERS))
+        )
+        assert sorted(statuses) == [202] * td.STOCK + [410] * (td.MEMBERS - td.STOCK)
+        after = await feed.until(lambda s: td.benefit(s)["left"] == 0)
+        row = td.benefit(after)
+        assert (row["accepted"], row["taken"], row["phase"]) == (td.STOCK, td.STOCK, "sold_out")
+        assert row["live"] and row["backlog"] == td.STOCK

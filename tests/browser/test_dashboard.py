@@ -13,44 +13,22 @@ from redis.asyncio import Redis
 
 from claim_service.claims.writer import ClaimWriter
 from claim_service.config import Settings
-from claim_service.domain import periods
-from tests.helpers import Client, admin, auth, benefit_body, direct, drain, fast, settle, wait_for
+from tests.helpers import Client, admin, auth, benefit_body, drain, fast, settle, wait_for
+from tests.integration import test_dashboard as td
 
 BENEFIT = "video"
-STOCK = 20
-CODES = 30
-MEMBERS = 25
+STOCK, CODES, MEMBERS = td.STOCK, td.CODES, td.MEMBERS
 WAIT_MS = 15_000
 
 
 async def open_release(client: Client, settings: Settings) -> None:
     """20 units open now: a card-key option with 30 codes, and a direct-charge one nobody
-    claims; members u0..u24 at tier 5, one claim each."""
-    body = benefit_body(
-        stock=STOCK,
-        quota=1,
-        options=[{"option_id": "youku", "kind": "card_key"}, direct("iqiyi", partner="iqiyi")],
-    )
-    resp = await client.put(f"/admin/v1/benefits/{BENEFIT}", json=body, headers=admin(settings))
-    assert resp.status == 201, await resp.text()
-    period = periods.current_period(settings.tz)
-    tiers = [{"user_id": f"u{i}", "tier": 5} for i in range(MEMBERS)]
-    resp = await client.put(f"/admin/v1/tiers/{period}", json=tiers, headers=admin(settings))
-    assert resp.status == 200, await resp.text()
-    codes = [f"YK-{i:04d}" for i in range(CODES)]
-    resp = await client.post(
-        f"/admin/v1/benefits/{BENEFIT}/options/youku/codes", json=codes, headers=admin(settings)
-    )
-    assert resp.status == 200, await resp.text()
+    claims; members u0..u24 at tier 5, one claim each (as the feed's own tests)."""
+    await td.release(client, settings, BENEFIT, partner="iqiyi", direct_option="iqiyi")
 
 
 async def claim(client: Client, settings: Settings, member: str, request_id: str) -> int:
-    resp = await client.post(
-        f"/v1/benefits/{BENEFIT}/claims",
-        headers=auth(settings, member),
-        json={"request_id": request_id, "option_id": "youku"},
-    )
-    return resp.status
+    return await td.claim(client, settings, member, request_id, BENEFIT)
 
 
 async def number(page: Page, testid: str) -> float:

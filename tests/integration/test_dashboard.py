@@ -105,15 +105,24 @@ def quick_board(client: Client) -> None:
     board.tick_s = board.pg_every_s = 0.25
 
 
-async def release(client: Client, settings: Settings) -> None:
+async def release(
+    client: Client,
+    settings: Settings,
+    benefit_id: str = BENEFIT,
+    partner: str = PARTNER,
+    direct_option: str = "x",
+) -> None:
     """The benefit: 20 units, a card-key option with 30 codes and an unclaimed direct-charge
     one; members u0..u24 at tier 5, one unit each."""
     body = benefit_body(
         stock=STOCK,
         quota=1,
-        options=[{"option_id": "youku", "kind": "card_key"}, direct("x", partner=PARTNER)],
+        options=[
+            {"option_id": "youku", "kind": "card_key"},
+            direct(direct_option, partner=partner),
+        ],
     )
-    resp = await client.put(f"/admin/v1/benefits/{BENEFIT}", json=body, headers=admin(settings))
+    resp = await client.put(f"/admin/v1/benefits/{benefit_id}", json=body, headers=admin(settings))
     assert resp.status == 201, await resp.text()
     period = periods.current_period(settings.tz)
     tiers = [{"user_id": f"u{i}", "tier": 5} for i in range(MEMBERS)]
@@ -121,14 +130,16 @@ async def release(client: Client, settings: Settings) -> None:
     assert resp.status == 200, await resp.text()
     codes = [f"DASH-{i:04d}" for i in range(CODES)]
     resp = await client.post(
-        f"/admin/v1/benefits/{BENEFIT}/options/youku/codes", json=codes, headers=admin(settings)
+        f"/admin/v1/benefits/{benefit_id}/options/youku/codes", json=codes, headers=admin(settings)
     )
     assert resp.status == 200, await resp.text()
 
 
-async def claim(client: Client, settings: Settings, member: str, request_id: str) -> int:
+async def claim(
+    client: Client, settings: Settings, member: str, request_id: str, benefit_id: str = BENEFIT
+) -> int:
     resp = await client.post(
-        f"/v1/benefits/{BENEFIT}/claims",
+        f"/v1/benefits/{benefit_id}/claims",
         headers=auth(settings, member),
         json={"request_id": request_id, "option_id": "youku"},
     )

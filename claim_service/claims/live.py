@@ -294,7 +294,7 @@ class LiveFeeds:
         if feed.room_dirty and time.monotonic() - feed.queue_at >= QUEUE_EVERY_S:
             feed.room_dirty = False
             feed.queue_at = time.monotonic()
-            feed.push("queue", {"benefit_id": benefit.benefit_id, **(room or {})})
+            feed.push("queue", room or {"benefit_id": benefit.benefit_id})
         feed.ready.set()
 
     async def _refresh_room(self, feed: Feed, benefit: Benefit) -> dict[str, Any]:
@@ -306,13 +306,7 @@ class LiveFeeds:
             feed.ranks.clear()
         feed.room_times = times
         ordered = view.phase not in (rooms.EARLY, rooms.PREQUEUE)
-        summary = {
-            "period": times.period,
-            "phase": view.phase,
-            "queue_size": view.size,
-            "admitted": view.admitted if ordered else 0,
-            "admit_per_s": times.admit_per_s,
-        }
+        summary = self.rooms.summary(benefit.benefit_id, view, times)
         now = time.monotonic()
         opened = feed.room is not None and feed.room["phase"] != view.phase
         if opened or now - feed.resolved_at >= RESOLVE_EVERY_S:

@@ -117,6 +117,20 @@ class WaitingRooms:
         times = times or self.times(benefit)
         return await rooms.visit(self.redis, benefit.benefit_id, times, user_id), times
 
+    @staticmethod
+    def summary(benefit_id: str, view: RoomView, times: RoomTimes) -> dict[str, Any]:
+        """The room as everyone may see it (the event stream's and the dashboard's
+        ``RoomSummary``): no place is admitted before the order is drawn."""
+        ordered = view.phase not in (rooms.EARLY, rooms.PREQUEUE)
+        return {
+            "benefit_id": benefit_id,
+            "period": times.period,
+            "phase": view.phase,
+            "queue_size": view.size,
+            "admitted": view.admitted if ordered else 0,
+            "admit_per_s": times.admit_per_s,
+        }
+
     def answer(
         self, benefit: Benefit, times: RoomTimes, view: RoomView, user_id: str
     ) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from claim_service import metrics
 from claim_service.claims.engine import ClaimEngine
 from claim_service.config import Settings
 from claim_service.errors import (
@@ -26,7 +27,7 @@ from claim_service.errors import (
     ValidationError,
 )
 from claim_service.http.auth import AuthError, TokenVerifier
-from claim_service.http.limits import ClaimLimits
+from claim_service.http.limits import ClaimLimits, retry_after
 from claim_service.http.server import RequestBodyTimeout
 from claim_service.store.vault import Vault, VaultError
 
@@ -187,3 +188,25 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(500, "internal", "internal error")
+
+
+def shed_load(request: web.Request) -> web.Response | None:
+    """503 when this worker has too many claims in flight, 429 past the client address's
+    rate (when limited); None to go on. Before the token is checked: the cheapest refusals
+    first (the claim route, then the waiting room's)."""
+    limits = request.app[LIMITS]
+    if limits.full:
+        metrics.CLAIMS_SHED.labels("overloaded").inc()
+        return error_response(503, "overloaded", "too many claims waiting here; retry shortly")
+    if limits.addresses.enabled:
+        wait = limits.addresses.take(request.remote or "")
+        if wait:
+            return rate_limited(wait)
+    return None
+
+
+def rate_limited(wait: float) -> web.Response:
+    metrics.CLAIMS_SHED.labels("rate_limited").inc()
+    return error_response(
+        429, "rate_limited", "too many claims; slow down", retry_after=retry_after(wait)
+    )

@@ -53,7 +53,6 @@ from claim_service.http.dashboard_rows import (
     partner_counts,
     phase,
 )
-from claim_service.store import rooms
 from claim_service.store.connections import is_cluster
 from claim_service.store.keyspace import BenefitKeys, text
 from claim_service.store.partner_health import breaker_states, read_breakers
@@ -281,15 +280,7 @@ class Dashboard:
             if benefit is None or benefit.waiting_room is None:
                 continue
             view, times = await self._rooms_service.look(benefit)
-            ordered = view.phase not in (rooms.EARLY, rooms.PREQUEUE)
-            found[benefit.benefit_id] = {
-                "benefit_id": benefit.benefit_id,
-                "period": times.period,
-                "phase": view.phase,
-                "queue_size": view.size,
-                "admitted": view.admitted if ordered else 0,
-                "admit_per_s": times.admit_per_s,
-            }
+            found[benefit.benefit_id] = WaitingRooms.summary(benefit.benefit_id, view, times)
         return found
 
     def _count_rate(self) -> None:

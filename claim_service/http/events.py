@@ -92,7 +92,7 @@ async def _stream(
     if missed is None:
         await response.write(feed.state_frame())
         if feed.room is not None and user_id in feed.holders:  # their ticket, at once
-            now = LiveEvent(feed.seq, "queue", {"benefit_id": feed.benefit_id, **feed.room}, b"")
+            now = LiveEvent(feed.seq, "queue", feed.room, b"")
             await response.write(live.personal(feed, now, user_id))
     else:
         for event in missed:

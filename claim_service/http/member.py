@@ -34,11 +34,12 @@ from claim_service.http.app import (
     VERIFIER,
     error_response,
     json_response,
+    rate_limited,
     read_json,
+    shed_load,
 )
 from claim_service.http.auth import bearer
 from claim_service.http.draws import claim_parts, claim_proof, parse_pick
-from claim_service.http.limits import retry_after
 from claim_service.http.queue import admission_refusal
 
 READY_TIMEOUT_S = 2.0
@@ -121,31 +122,20 @@ def parse_option_ids(data: dict[str, Any]) -> tuple[str, ...]:
 
 
 async def post_claim(request: web.Request) -> web.Response:
+    refused = shed_load(request)
+    if refused is not None:
+        return refused
     limits = request.app[LIMITS]
-    if limits.full:
-        metrics.CLAIMS_SHED.labels("overloaded").inc()
-        return error_response(503, "overloaded", "too many claims waiting here; retry shortly")
-    if limits.addresses.enabled:
-        wait = limits.addresses.take(request.remote or "")
-        if wait:
-            return _rate_limited(wait)
     user_id = member(request)
     if limits.members.enabled:
         wait = limits.members.take(user_id)
         if wait:
-            return _rate_limited(wait)
+            return rate_limited(wait)
     limits.in_flight += 1
     try:
         return await _claim(request, user_id)
     finally:
         limits.in_flight -= 1
-
-
-def _rate_limited(wait: float) -> web.Response:
-    metrics.CLAIMS_SHED.labels("rate_limited").inc()
-    return error_response(
-        429, "rate_limited", "too many claims; slow down", retry_after=retry_after(wait)
-    )
 
 
 async def _claim(request: web.Request, user_id: str) -> web.Response:

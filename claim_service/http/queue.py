@@ -7,22 +7,20 @@ from typing import Any
 
 from aiohttp import web
 
-from claim_service import metrics
 from claim_service.claims.rooms import WaitingRooms
 from claim_service.domain import periods
 from claim_service.domain.catalogue import ID_RE, Benefit
 from claim_service.errors import NotFoundError, ValidationError
 from claim_service.http.app import (
     ENGINE,
-    LIMITS,
     SETTINGS,
     VERIFIER,
     error_response,
     json_response,
     read_body,
+    shed_load,
 )
 from claim_service.http.auth import bearer
-from claim_service.http.limits import retry_after
 from claim_service.store import rooms
 
 ROOMS = web.AppKey("rooms", WaitingRooms)
@@ -42,17 +40,9 @@ async def _room_benefit(request: web.Request) -> tuple[str, Benefit]:
 
 async def join_queue(request: web.Request) -> web.Response:
     """``POST /v1/benefits/{id}/queue``: the member's ticket, made on the first call."""
-    limits = request.app[LIMITS]
-    if limits.full:
-        metrics.CLAIMS_SHED.labels("overloaded").inc()
-        return error_response(503, "overloaded", "too many requests waiting here; retry shortly")
-    if limits.addresses.enabled:
-        wait = limits.addresses.take(request.remote or "")
-        if wait:
-            metrics.CLAIMS_SHED.labels("rate_limited").inc()
-            return error_response(
-                429, "rate_limited", "too many requests; slow down", retry_after=retry_after(wait)
-            )
+    refused = shed_load(request)
+    if refused is not None:
+        return refused
     user_id, benefit = await _room_benefit(request)
     await read_body(request, request.app[SETTINGS].max_body_bytes)  # whatever it is: unused
     room = request.app[ROOMS]

@@ -4,7 +4,8 @@
 --                        opt:<option_id> = per-period cap of the option (-1: none),
 --                        card:<option_id> present for card-key options
 -- KEYS[2]  stock   hash  added (ops top-ups), taken, taken:<option_id>, accepted (this period;
---                        accepted counts every acceptance and is never given back)
+--                        accepted counts every acceptance and is never given back), moved
+--                        (a bucket of a sharded benefit: units received less units lent)
 -- KEYS[3]  used    hash  <user_id> = claims taken by the member             (this period)
 -- KEYS[4]  idem    hash  <len>:<user_id><request_id> = "claim_id|option_id|tier|created_ms"
 -- KEYS[5]  stream  the durable hand-off read by the writer's consumer group
@@ -103,8 +104,9 @@ local ttl = tonumber(ARGV[7])
 local n = tonumber(ARGV[8])
 local tiers_passed = #ARGV >= 8 + n * 7
 
-local counters = redis.call('HMGET', KEYS[2], 'added', 'taken')
-local added = tonumber(counters[1] or '0')
+local counters = redis.call('HMGET', KEYS[2], 'added', 'taken', 'moved')
+-- a sharded benefit's bucket (see buckets.lua): what it received from others minus what it lent
+local added = tonumber(counters[1] or '0') + tonumber(counters[3] or '0')
 local taken = tonumber(counters[2] or '0')
 
 local function quota_for(tier)

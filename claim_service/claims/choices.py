@@ -4,9 +4,16 @@ what was taken."""
 
 from __future__ import annotations
 
-from claim_service.claims.decisions import ACCEPTED, ClaimRequest, DrawResult
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from claim_service.claims.decisions import ACCEPTED, ClaimDecision, ClaimRequest, DrawResult, Span
+from claim_service.domain import periods
 from claim_service.domain.catalogue import ID_RE, Benefit
 from claim_service.errors import NotFoundError, ValidationError
+from claim_service.store.keyspace import text
 
 
 def requested_options(benefit: Benefit, request: ClaimRequest) -> str:
@@ -67,3 +74,42 @@ def price_of(benefit: Benefit, options: str) -> int:
     if benefit.draw is not None:
         return benefit.price_points
     return sum(benefit.price_of(o) for o in options.split(",") if o)
+
+
+def decision_of(
+    benefit: Benefit,
+    span: Span,
+    requested: str,
+    value: int | None,
+    row: list[Any],
+    tz: ZoneInfo,
+    next_opening: Callable[[Benefit], datetime | None],
+) -> ClaimDecision:
+    """One claim's decision from its ``claim.lua`` reply row (``requested``: the options it
+    asked for, ``value``: a draw's value)."""
+    code, claim_id, taken = text(row[0]), text(row[1]), text(row[2])
+    stock_left, tier, extra = int(row[3]), int(row[4]), int(row[5])
+    option_id, options, draw = taken_of(code, taken, text(row[6]), value)
+    created = periods.from_ms(extra, tz) if code in ACCEPTED else None
+    opens_at = None
+    if code == "not_open":
+        opens_at = span.opens
+    elif code == "closed":
+        opens_at = next_opening(benefit)
+    return ClaimDecision(
+        code=code,
+        benefit_id=benefit.benefit_id,
+        option_id=option_id,
+        period=span.period,
+        stock_left=max(stock_left, 0),
+        tier=tier,
+        claim_id=claim_id or None,
+        created_at=created,
+        used=extra if code == "quota" else 0,
+        quota=benefit.quota_for(tier),
+        balance=extra if code == "points" else 0,
+        price=price_of(benefit, requested),
+        opens_at=opens_at,
+        options=options,
+        draw=draw,
+    )

@@ -25,15 +25,18 @@ from redis.exceptions import RedisError
 
 from claim_service import metrics
 from claim_service.claims.benefit_cache import BenefitCache
-from claim_service.claims.choices import price_of, requested_options, taken_of
+from claim_service.claims.choices import decision_of, requested_options
 from claim_service.claims.decisions import ACCEPTED, ClaimDecision, ClaimRequest, Span
 from claim_service.claims.durability import DurableAck, held_connection
 from claim_service.claims.gate import Gate
+from claim_service.claims.shards import Borrower
 from claim_service.config import Settings
 from claim_service.domain import periods
 from claim_service.domain.catalogue import Benefit
 from claim_service.domain.draws import draw_value
+from claim_service.domain.shards import bucket_of
 from claim_service.errors import BackendUnavailable, NotFoundError
+from claim_service.store.catalogue_store import push_buckets
 from claim_service.store.connections import is_cluster
 from claim_service.store.draw_seeds import DrawSeeds
 from claim_service.store.keyspace import (
@@ -41,6 +44,7 @@ from claim_service.store.keyspace import (
     STALE_RETRIES,
     BenefitKeys,
     Scripts,
+    bucket_keys,
     text,
     tiers_key,
 )
@@ -100,7 +104,8 @@ class ClaimEngine:
         self.catalogue = BenefitCache(redis, self.tz, self.recovery)
         self.durability = DurableAck(settings)
         self.gate = Gate(redis)
-        self._queues: dict[str, list[_Pending]] = {}
+        self.borrower = Borrower(redis, self.scripts, self.durability, self._recover)
+        self._queues: dict[tuple[str, int], list[_Pending]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         # Redis's clock minus ours, learned from every batch: the period proposed for a
         # claim is the one Redis's clock points at, not a drifting local one.
@@ -179,7 +184,9 @@ class ClaimEngine:
         if benefit is None:
             raise NotFoundError("unknown_benefit", f"no benefit {request.benefit_id!r}")
         option_id = requested_options(benefit, request)
-        local = self.gate.answer(benefit, request.user_id, option_id, self._redis_ms())
+        local = None
+        if benefit.shards == 1:  # the gate knows a benefit's stock, not a bucket's
+            local = self.gate.answer(benefit, request.user_id, option_id, self._redis_ms())
         if local is not None:
             self.local_answers += 1
             metrics.CLAIM_LOCAL_ANSWERS.labels(local.code).inc()
@@ -192,25 +199,38 @@ class ClaimEngine:
         # accepted request must get its claim back, and the option may be newer than the copy.
         loop = asyncio.get_running_loop()
         pending = _Pending(request, option_id, new_claim_id(), loop.create_future())
-        queue = self._queues.get(request.benefit_id)
+        # A sharded benefit's claims are batched per bucket (the member's: ``shards``).
+        where = (request.benefit_id, bucket_of(request.user_id, benefit.shards))
+        queue = self._queues.get(where)
         if queue is None:
-            queue = self._queues[request.benefit_id] = []
+            queue = self._queues[where] = []
             # Flush on the next loop turn: every request parsed in this turn joins the batch.
-            loop.call_soon(self._flush, request.benefit_id)
+            loop.call_soon(self._flush, where)
         queue.append(pending)
         return await pending.future
 
-    def _flush(self, benefit_id: str) -> None:
-        queue = self._queues.pop(benefit_id, [])
+    def _flush(self, where: tuple[str, int]) -> None:
+        queue = self._queues.pop(where, [])
         size = self.settings.batch_max
         for start in range(0, len(queue), size):
-            task = asyncio.create_task(self._run_batch(benefit_id, queue[start : start + size]))
+            task = asyncio.create_task(self._run_batch(*where, queue[start : start + size]))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _run_batch(self, benefit_id: str, batch: list[_Pending]) -> None:
+    async def _run_batch(self, benefit_id: str, bucket: int, batch: list[_Pending]) -> None:
         try:
-            decisions, durable = await self._decide(benefit_id, batch)
+            found, durable = await self._decide(benefit_id, batch, bucket)
+            decisions: list[ClaimDecision | None] = list(found)
+            benefit = self.catalogue.cached(benefit_id)
+            if benefit is not None and benefit.shards > 1:
+                decisions, durable = await self.borrower.settle(
+                    benefit,
+                    bucket,
+                    batch,
+                    found,
+                    durable,
+                    lambda items: self._decide(benefit_id, items, bucket),
+                )
         except Exception as exc:  # every waiter must hear about a failed batch
             if not isinstance(exc, BackendUnavailable | NotFoundError):
                 log.exception("claim batch for %s failed", benefit_id)
@@ -222,7 +242,9 @@ class ClaimEngine:
         for item, decision in zip(batch, decisions, strict=True):
             if item.future.done():
                 continue
-            if decision.accepted and not durable:
+            if decision is None:
+                item.future.set_exception(BackendUnavailable("stock is being moved; retry"))
+            elif decision.accepted and not durable:
                 metrics.CLAIM_NOT_DURABLE.inc()
                 item.future.set_exception(
                     BackendUnavailable(
@@ -234,16 +256,19 @@ class ClaimEngine:
                 item.future.set_result(decision)
 
     async def _decide(
-        self, benefit_id: str, batch: list[_Pending]
+        self, benefit_id: str, batch: list[_Pending], bucket: int = 0
     ) -> tuple[list[ClaimDecision], bool]:
-        """The batch's decisions, and whether what they accepted or replayed is durable."""
-        keys = BenefitKeys(benefit_id)
+        """The batch's decisions, and whether what they accepted or replayed is durable
+        (``bucket``: the stock bucket of a sharded benefit deciding them)."""
         redis_ms = self._redis_ms()
         recovered = points_recovered = False
         for _attempt in range(STALE_RETRIES + 4):
             benefit = await self.benefit(benefit_id)
             if benefit is None:
                 raise NotFoundError("unknown_benefit", f"no benefit {benefit_id!r}")
+            keys = BenefitKeys(benefit_id)
+            if benefit.shards > 1:
+                keys = bucket_keys(benefit_id, benefit.shards)[bucket]
             span = self.span(benefit, redis_ms)
             seed = b""
             if benefit.draw is not None:
@@ -300,10 +325,15 @@ class ClaimEngine:
                     raise NotFoundError("unknown_benefit", f"no benefit {benefit_id!r}")
                 await self.benefit(benefit_id, refresh=True)
                 continue
+            if head == "missing" and benefit.shards > 1:
+                await push_buckets(self.redis, benefit)  # the bucket lost its configuration
+                continue
             if head == "missing":
                 self.catalogue.forget(benefit_id)
                 raise NotFoundError("unknown_benefit", f"no benefit {benefit_id!r}")
             if head == "stale":
+                if benefit.shards > 1 and int(raw[1]) < benefit.version:
+                    await push_buckets(self.redis, benefit)  # a push that missed the bucket
                 await self.benefit(benefit_id, refresh=True)
                 continue
             redis_ms = int(raw[1])
@@ -315,7 +345,9 @@ class ClaimEngine:
                 self._decision(benefit, span, item, raw[2 + i * width : 2 + (i + 1) * width])
                 for i, item in enumerate(batch)
             ]
-            self.gate.learn(benefit, span, [item.request.user_id for item in batch], decisions)
+            if benefit.shards == 1:
+                users = [item.request.user_id for item in batch]
+                self.gate.learn(benefit, span, users, decisions)
             metrics.CLAIM_BATCH_SIZE.set(len(batch))
             for decision in decisions:
                 metrics.CLAIM_DECISIONS.labels(decision.code).inc()
@@ -347,32 +379,15 @@ class ClaimEngine:
     def _decision(
         self, benefit: Benefit, span: Span, item: _Pending, row: list[Any]
     ) -> ClaimDecision:
-        code, claim_id, taken = text(row[0]), text(row[1]), text(row[2])
-        stock_left, tier, extra = int(row[3]), int(row[4]), int(row[5])
-        option_id, options, draw = taken_of(code, taken, text(row[6]), item.value)
-        created = periods.from_ms(extra, self.tz) if code in ACCEPTED else None
-        opens_at = None
-        if code == "not_open":
-            opens_at = span.opens
-        elif code == "closed":
-            opens_at = self.next_opening(benefit)
-        return ClaimDecision(
-            code=code,
-            benefit_id=benefit.benefit_id,
-            option_id=option_id,
-            period=span.period,
-            stock_left=max(stock_left, 0),
-            tier=tier,
-            claim_id=claim_id or None,
-            created_at=created,
-            used=extra if code == "quota" else 0,
-            quota=benefit.quota_for(tier),
-            balance=extra if code == "points" else 0,
-            price=price_of(benefit, item.option_id),
-            opens_at=opens_at,
-            options=options,
-            draw=draw,
+        return decision_of(
+            benefit, span, item.option_id, item.value, row, self.tz, self.next_opening
         )
+
+    async def _recover(self, benefit_id: str) -> None:
+        """Rebuild what recovery must (a bucket a borrower found unverified), or say retry."""
+        if self.recovery is None:
+            raise BackendUnavailable("the benefit's counters are being recovered; retry")
+        await self.recovery.ensure_benefit(benefit_id)
 
     async def drain(self) -> None:
         """Wait for batches already sent to Redis (used on shutdown)."""

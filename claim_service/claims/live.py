@@ -38,8 +38,8 @@ from claim_service.domain import periods
 from claim_service.domain.catalogue import Benefit
 from claim_service.errors import BackendUnavailable
 from claim_service.store import rooms
+from claim_service.store.buckets import stock_counters
 from claim_service.store.draw_records import prize_levels
-from claim_service.store.keyspace import BenefitKeys, text
 from claim_service.store.rooms import RoomTimes, RoomView
 from claim_service.store.stock_events import listen_here
 
@@ -238,9 +238,8 @@ class LiveFeeds:
             return
         now_ms = self.engine.redis_ms()
         span = self.engine.span(benefit, now_ms)
-        keys = BenefitKeys(benefit.benefit_id)
-        counters = await self.redis.hmget(keys.stock(span.period), ["added", "taken"])
-        added, taken = (int(text(v)) if v is not None else 0 for v in counters)
+        counters = await stock_counters(self.redis, benefit.benefit_id, benefit.shards, span.period)
+        added, taken = counters.get("added", 0), counters.get("taken", 0)
         total = benefit.stock_per_period + added
         left = max(total - taken, 0)
         if left > 0 and benefit.draw is not None:

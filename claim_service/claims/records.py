@@ -10,7 +10,8 @@ from zoneinfo import ZoneInfo
 import asyncpg
 from redis.asyncio import Redis
 
-from claim_service.store.keyspace import CATALOGUE_KEY, BenefitKeys, text
+from claim_service.store.buckets import stream_owners
+from claim_service.store.keyspace import BenefitKeys, text
 
 CLAIM_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
@@ -62,8 +63,8 @@ async def find_claim(
 
 async def _find_pending(redis: Redis, claim_id: str, tz: ZoneInfo) -> dict[str, Any] | None:
     """Accepted in Redis a moment ago and not yet written: read it from the stream."""
-    for member in await redis.smembers(CATALOGUE_KEY):
-        keys = BenefitKeys(text(member))
+    for owner in await stream_owners(redis):
+        keys = BenefitKeys(owner)
         entry_id = await redis.hget(keys.pending, claim_id)
         if entry_id is None:
             continue

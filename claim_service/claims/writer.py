@@ -31,9 +31,9 @@ from claim_service.claims.persist import CONFLICTS_SQL, claim_row, insert_claims
 from claim_service.config import Settings, instance_name
 from claim_service.errors import BackendUnavailable
 from claim_service.store.anomalies import REQUEST_CONFLICT, record_anomaly
+from claim_service.store.buckets import keys_of_member, stream_owners
 from claim_service.store.connections import is_cluster
 from claim_service.store.keyspace import (
-    CATALOGUE_KEY,
     CLAIMS_WRITTEN_CHANNEL,
     DEAD_LETTER_STREAM,
     PERIOD_KEY_TTL_S,
@@ -168,8 +168,7 @@ class ClaimWriter:
         now = time.monotonic()
         if now - self._streams_at < STREAM_REFRESH_S and self._streams:
             return self._streams
-        ids = sorted(text(m) for m in await self.redis.smembers(CATALOGUE_KEY))
-        streams = [BenefitKeys(bid).stream for bid in ids]
+        streams = [BenefitKeys(owner).stream for owner in await stream_owners(self.redis)]
         for stream in set(streams) - set(self._streams):
             await ensure_group(self.redis, stream)
         self._streams, self._streams_at = streams, now
@@ -316,7 +315,7 @@ class ClaimWriter:
         """A claim that repeats a request takes nothing: its unit, quota, code and points go
         back (the ledger never recorded its points: nothing to refund there)."""
         claim_id, request_id, user_id, benefit_id, option_id, period = row[:6]
-        keys = BenefitKeys(benefit_id)
+        keys = await keys_of_member(self.redis, benefit_id, user_id)
         done = await Scripts(self.redis).refund(
             keys=keys.refund_keys(period, cluster=is_cluster(self.redis)),
             args=[
@@ -366,8 +365,8 @@ async def ensure_group(redis: Redis, stream: str) -> None:
 async def backlog(redis: Redis) -> int:
     """Entries accepted but not yet acknowledged by a writer, over all benefits."""
     total = 0
-    for member in await redis.smembers(CATALOGUE_KEY):
-        stream = BenefitKeys(text(member)).stream
+    for owner in await stream_owners(redis):
+        stream = BenefitKeys(owner).stream
         try:
             total += int(await redis.xlen(stream))
         except ResponseError:

@@ -20,6 +20,7 @@ from claim_service.domain.fields import (
     check_id,
     parse_timestamp,
 )
+from claim_service.domain.shards import parse_shards
 from claim_service.domain.waiting_room import WaitingRoom, parse_waiting_room
 from claim_service.errors import ValidationError
 
@@ -149,6 +150,7 @@ class Benefit:
     choose: int = 1  # options a claim may take at once (a bundle when above 1)
     draw: Draw | None = None  # the prize is drawn (see ``draws``)
     waiting_room: WaitingRoom | None = None  # claims need an admission (see ``waiting_room``)
+    shards: int = 1  # stock buckets on separate Redis slots (see ``shards``)
 
     def option(self, option_id: str) -> Option | None:
         for option in self.options:
@@ -195,6 +197,7 @@ class Benefit:
             "choose": self.choose,
             "draw": self.draw.to_json() if self.draw else None,
             "waiting_room": self.waiting_room.to_json() if self.waiting_room else None,
+            "shards": self.shards,
         }
 
 
@@ -357,6 +360,16 @@ def parse_benefit(benefit_id: str, data: Any, tz: ZoneInfo, version: int = 0) ->
     room = None
     if data.get("waiting_room") is not None:
         room = parse_waiting_room(data["waiting_room"])
+    shards = parse_shards(
+        data,
+        unsupported={
+            "a draw": draw is not None,
+            "a waiting room": room is not None,
+            "a points price": price > 0 or any(o.price_points for o in options),
+            "card_key options": any(o.kind == "card_key" for o in options),
+            "an option's stock_cap": any(o.stock_cap is not None for o in options),
+        },
+    )
     return Benefit(
         benefit_id=benefit_id,
         name=_str(data, "name", 200) or benefit_id,
@@ -373,4 +386,5 @@ def parse_benefit(benefit_id: str, data: Any, tz: ZoneInfo, version: int = 0) ->
         choose=choose,
         draw=draw,
         waiting_room=room,
+        shards=shards,
     )

@@ -25,9 +25,10 @@ from redis.asyncio import Redis
 from claim_service.domain.lifecycle import ACCEPTED, FAILED, REFUNDED
 from claim_service.errors import BackendUnavailable, ConflictError, NotFoundError
 from claim_service.metrics import REFUNDS
+from claim_service.store.buckets import keys_of_member
 from claim_service.store.claim_states import transition
 from claim_service.store.connections import is_cluster
-from claim_service.store.keyspace import PERIOD_KEY_TTL_S, BenefitKeys, Scripts, text
+from claim_service.store.keyspace import PERIOD_KEY_TTL_S, Scripts, text
 from claim_service.store.points_ledger import claim_taken, record_refund
 from claim_service.store.stock_events import announce
 
@@ -56,7 +57,7 @@ class _Recovering(Exception):
 async def _refund_in_redis(redis: Redis, row: asyncpg.Record, points: str) -> tuple[bool, str]:
     """Whether this call returned the unit (False: it had been returned before), and the
     points it could not return because their lot had expired (``lot:amount,...``)."""
-    keys = BenefitKeys(row["benefit_id"])
+    keys = await keys_of_member(redis, row["benefit_id"], row["user_id"])
     # The reserved code goes back to the pool unless there was none to reserve.
     give_code = (
         row["kind"] == "card_key"
@@ -158,11 +159,11 @@ async def _finish_interrupted_refund(pool: asyncpg.Pool, redis: Redis, claim_id:
     """A refund that reached Redis but not PostgreSQL (a crash in between) is completed
     rather than letting the claim be delivered too. True when the claim is now refunded."""
     row = await pool.fetchrow(
-        "SELECT benefit_id, period, status FROM claims WHERE claim_id = $1", claim_id
+        "SELECT benefit_id, user_id, period, status FROM claims WHERE claim_id = $1", claim_id
     )
     if row is None or row["status"] != FAILED:
         return False
-    keys = BenefitKeys(row["benefit_id"])
+    keys = await keys_of_member(redis, row["benefit_id"], row["user_id"])
     if not await redis.sismember(keys.refunded(row["period"]), claim_id):
         return False
     return await refund(pool, redis, claim_id)  # the Redis side is a no-op by then

@@ -16,13 +16,14 @@ from claim_service.errors import NotFoundError
 from claim_service.fulfilment.compensation import refund
 from claim_service.fulfilment.partners import OrderResult
 from claim_service.store.anomalies import LATE_PARTNER_SUCCESS, record_anomaly
+from claim_service.store.buckets import keys_of_member
 from claim_service.store.claim_states import record_event, transition
-from claim_service.store.keyspace import BenefitKeys
 
 log = logging.getLogger(__name__)
 
 LOCK_ORDER_SQL = """
-SELECT c.claim_id, c.status, c.benefit_id, c.period, o.partner, b.on_failure FROM claims c
+SELECT c.claim_id, c.status, c.benefit_id, c.user_id, c.period, o.partner, b.on_failure
+FROM claims c
 LEFT JOIN benefit_options o ON o.benefit_id = c.benefit_id AND o.option_id = c.option_id
 LEFT JOIN benefits b ON b.benefit_id = c.benefit_id
 WHERE c.claim_id = $1
@@ -71,7 +72,7 @@ async def settle_success(
         if status == FAILED:
             # refund() returns the unit in Redis, then commits; a crash in between leaves
             # a failed claim whose unit is already back: that refund stands.
-            keys = BenefitKeys(row["benefit_id"])
+            keys = await keys_of_member(redis, row["benefit_id"], row["user_id"])
             interrupted_refund = bool(await redis.sismember(keys.refunded(row["period"]), claim_id))
         if status == FULFILLED:
             log.debug("order %s: success reported again (already fulfilled)", claim_id)

@@ -32,7 +32,8 @@ from claim_service.http.app import (
 from claim_service.http.auth import check_admin
 from claim_service.store import catalogue_store, zones_store
 from claim_service.store.anomalies import list_anomalies
-from claim_service.store.keyspace import BenefitKeys, text
+from claim_service.store.buckets import stock_counters
+from claim_service.store.keyspace import BenefitKeys, bucket_keys
 from claim_service.store.tiers import check_tier, check_user_id, save_tiers
 
 MAX_TIERS_PER_CALL = 100_000
@@ -91,8 +92,10 @@ async def get_benefit(request: web.Request) -> web.Response:
 async def _stock(request: web.Request, benefit_id: str, period: str) -> dict[str, Any]:
     redis = request.app[REDIS]
     keys = BenefitKeys(benefit_id)
-    counters = {text(k): int(v) for k, v in (await redis.hgetall(keys.stock(period))).items()}
     benefit = await request.app[ENGINE].benefit(benefit_id, refresh=True)
+    shards = benefit.shards if benefit else 1
+    counters = await stock_counters(redis, benefit_id, shards, period)
+    owners = (keys, *bucket_keys(benefit_id, shards)) if shards > 1 else (keys,)
     base = benefit.stock_per_period if benefit else 0
     added = counters.get("added", 0)
     taken = counters.get("taken", 0)
@@ -105,7 +108,7 @@ async def _stock(request: web.Request, benefit_id: str, period: str) -> dict[str
         "taken_by_option": {
             k.removeprefix("taken:"): v for k, v in counters.items() if k.startswith("taken:")
         },
-        "unpersisted": int(await redis.hlen(keys.pending)),
+        "unpersisted": sum([int(await redis.hlen(k.pending)) for k in owners]),
     }
 
 

@@ -53,6 +53,7 @@ from claim_service.http.dashboard_rows import (
     partner_counts,
     phase,
 )
+from claim_service.store.buckets import stock_counters
 from claim_service.store.connections import is_cluster
 from claim_service.store.keyspace import BenefitKeys, text
 from claim_service.store.partner_health import breaker_states, read_breakers
@@ -249,6 +250,10 @@ class Dashboard:
         for i, (benefit, span) in enumerate(zip(benefits, spans, strict=True)):
             marked, stock, backlog, oldest, codes = replies[1 + 5 * i : 6 + 5 * i]
             counters = {text(k): int(v) for k, v in stock.items()}
+            if benefit.shards > 1:  # its claims are counted in its buckets
+                counters = await stock_counters(
+                    self.redis, benefit.benefit_id, benefit.shards, span.period
+                )
             buckets = []
             for name, value in codes.items():
                 option_id, _, expiry = text(name).partition("|")

@@ -18,8 +18,16 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from claim_service.domain.catalogue import Benefit, parse_benefit
-from claim_service.errors import BackendUnavailable, NotFoundError
-from claim_service.store.keyspace import CATALOGUE_KEY, PERIOD_KEY_TTL_S, BenefitKeys, Scripts
+from claim_service.domain.shards import share
+from claim_service.errors import BackendUnavailable, ConflictError, NotFoundError
+from claim_service.store.keyspace import (
+    BUCKETS_KEY,
+    CATALOGUE_KEY,
+    PERIOD_KEY_TTL_S,
+    BenefitKeys,
+    Scripts,
+    bucket_keys,
+)
 from claim_service.store.stock_events import announce
 
 log = logging.getLogger(__name__)
@@ -43,6 +51,8 @@ def config_fields(benefit: Benefit) -> dict[str, str | int]:
         price = benefit.price_of(option.option_id)
         if price > 0:
             fields["pts:" + option.option_id] = price
+    if benefit.shards > 1:
+        fields["shards"] = benefit.shards
     if benefit.priced:
         fields["priced"] = 1
     if benefit.draw is not None:
@@ -59,17 +69,41 @@ def config_fields(benefit: Benefit) -> dict[str, str | int]:
 
 
 async def push_benefit(redis: Redis, benefit: Benefit) -> bool:
-    keys = BenefitKeys(benefit.benefit_id)
-    argv: list[Any] = [benefit.version, benefit.benefit_id]
-    for name, value in config_fields(benefit).items():
-        argv += [name, value]
+    """Push the configuration to the benefit's keys, then to each of its stock buckets
+    (each with its share of the stock: ``shards.share``)."""
+    scripts = Scripts(redis)
+    fields = config_fields(benefit)
     try:
-        written = await Scripts(redis).push_config(keys=[keys.config], args=argv)
+        written = await _push(scripts, BenefitKeys(benefit.benefit_id), benefit, fields)
         await redis.sadd(CATALOGUE_KEY, benefit.benefit_id)  # listed once its cfg exists
+        if benefit.shards > 1:
+            await push_buckets(redis, benefit, fields)
     except RedisError as exc:
         raise BackendUnavailable("could not push the benefit to Redis") from exc
     await announce(redis, benefit.benefit_id)
     return bool(written)
+
+
+async def push_buckets(
+    redis: Redis, benefit: Benefit, fields: dict[str, str | int] | None = None
+) -> None:
+    """Push a sharded benefit's configuration to its buckets (``fields``: its own)."""
+    scripts = Scripts(redis)
+    fields = {k: v for k, v in (fields or config_fields(benefit)).items() if k != "json"}
+    buckets = bucket_keys(benefit.benefit_id, benefit.shards)
+    for number, keys in enumerate(buckets):
+        fields["stock"] = share(benefit.stock_per_period, benefit.shards, number)
+        await _push(scripts, keys, benefit, fields)
+    await redis.sadd(BUCKETS_KEY, *(keys.benefit_id for keys in buckets))
+
+
+async def _push(
+    scripts: Scripts, keys: BenefitKeys, benefit: Benefit, fields: dict[str, str | int]
+) -> int:
+    argv: list[Any] = [benefit.version, benefit.benefit_id]
+    for name, value in fields.items():
+        argv += [name, value]
+    return int(await scripts.push_config(keys=[keys.config], args=argv))
 
 
 def benefit_from_config(raw_json: bytes | str, version: int, tz: ZoneInfo) -> Benefit:
@@ -84,12 +118,21 @@ async def save_benefit(pool: asyncpg.Pool, benefit: Benefit) -> Benefit:
     ).decode()
     release = orjson.dumps(benefit.release.to_json()).decode()
     async with pool.acquire() as conn, conn.transaction():
+        shards = await conn.fetchval(
+            "SELECT shards FROM benefits WHERE benefit_id = $1 FOR UPDATE", benefit.benefit_id
+        )
+        if shards is not None and shards != benefit.shards:
+            raise ConflictError(
+                "shards_fixed",
+                f"shards cannot change once the benefit exists (it has {shards}): members "
+                "would move to other buckets and lose their quota",
+            )
         version = await conn.fetchval(
             """INSERT INTO benefits (benefit_id, name, min_tier, quota, stock_per_period,
                                      release, paused, on_failure, zone, price_points,
-                                     choose, draw, waiting_room)
+                                     choose, draw, waiting_room, shards)
                VALUES ($1, $2, $3, $4::jsonb, $5, $6::jsonb, $7, $8, $9, $10, $11, $12::jsonb,
-                       $13::jsonb)
+                       $13::jsonb, $14)
                ON CONFLICT (benefit_id) DO UPDATE SET
                    name = EXCLUDED.name, min_tier = EXCLUDED.min_tier,
                    quota = EXCLUDED.quota, stock_per_period = EXCLUDED.stock_per_period,
@@ -112,6 +155,7 @@ async def save_benefit(pool: asyncpg.Pool, benefit: Benefit) -> Benefit:
             benefit.choose,
             orjson.dumps(benefit.draw.to_json()).decode() if benefit.draw else None,
             orjson.dumps(benefit.waiting_room.to_json()).decode() if benefit.waiting_room else None,
+            benefit.shards,
         )
         await conn.execute("DELETE FROM benefit_options WHERE benefit_id = $1", benefit.benefit_id)
         await conn.executemany(
@@ -166,6 +210,7 @@ async def load_benefits(
             "draw": orjson.loads(row["draw"]) if row["draw"] else None,
             "waiting_room": orjson.loads(row["waiting_room"]) if row["waiting_room"] else None,
             "options": orjson.loads(row["options"]),
+            "shards": row["shards"],
         }
         benefits.append(parse_benefit(row["benefit_id"], data, tz, version=row["version"]))
     return benefits
@@ -218,12 +263,24 @@ async def add_stock(
         benefit_id,
         period,
     )
+    shards = await pool.fetchval("SELECT shards FROM benefits WHERE benefit_id = $1", benefit_id)
     try:
-        await Scripts(redis).restore(
-            keys=[BenefitKeys(benefit_id).stock(period)],
-            args=["max", PERIOD_KEY_TTL_S, "0", "", "added", int(total)],
-        )
+        await raise_added(redis, benefit_id, shards or 1, period, int(total))
     except RedisError as exc:
         raise BackendUnavailable("stock recorded; Redis not updated, run `warm`") from exc
     await announce(redis, benefit_id)
     return int(total)
+
+
+async def raise_added(redis: Redis, benefit_id: str, shards: int, period: str, total: int) -> None:
+    """Raise the period's ``added`` to ``total`` (never lowering it): on the benefit, and on
+    each bucket of a sharded one to its share of ``total``."""
+    scripts = Scripts(redis)
+    targets = [(BenefitKeys(benefit_id), total)]
+    if shards > 1:
+        buckets = bucket_keys(benefit_id, shards)
+        targets += [(keys, share(total, shards, i)) for i, keys in enumerate(buckets)]
+    for keys, amount in targets:
+        await scripts.restore(
+            keys=[keys.stock(period)], args=["max", PERIOD_KEY_TTL_S, "0", "", "added", amount]
+        )

@@ -13,15 +13,20 @@ rebuilt them from PostgreSQL and the stream and marked the benefit live again.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
+from redis.crc import key_slot
 
 PREFIX = "claim"
 CATALOGUE_KEY = f"{PREFIX}:benefits"  # set of benefit ids pushed to Redis
 CATALOGUE_LIVE_KEY = f"{PREFIX}:benefits:live"  # run id once every benefit was recovered
+# The stock buckets of sharded benefits ("<benefit_id>#<suffix>", see ``bucket_keys``): each
+# has a stream of its own, which the writer and the stream readers find here.
+BUCKETS_KEY = f"{PREFIX}:benefits:buckets"
 DEAD_LETTER_STREAM = f"{PREFIX}:deadletter"  # stream entries the writer could not persist
 LAG_CHECK_KEY = f"{PREFIX}:lagcheck"  # lease: one process per interval compares Redis with PG
 ZONES_KEY = f"{PREFIX}:zones"  # hash zone_id -> zone JSON, mirrored from PostgreSQL
@@ -196,6 +201,33 @@ class BenefitKeys:
         return keys
 
 
+@lru_cache(maxsize=1024)
+def bucket_keys(benefit_id: str, shards: int) -> tuple[BenefitKeys, ...]:
+    """The keys of a sharded benefit's stock buckets, in bucket order. A bucket's keys are a
+    benefit's keys under the owner ``<benefit_id>#<suffix>`` ('#' is never in an id), whose
+    suffix is the bucket's number, salted when needed so that no two buckets share a hash
+    slot (on a cluster they spread over the primaries)."""
+    buckets: list[BenefitKeys] = []
+    slots = {key_slot(BenefitKeys(benefit_id).tag.encode())}
+    for number in range(shards):
+        salt = 0
+        while True:
+            suffix = str(number) if salt == 0 else f"{number}.{salt}"
+            keys = BenefitKeys(f"{benefit_id}#{suffix}")
+            slot = key_slot(keys.tag.encode())
+            if slot not in slots:
+                break
+            salt += 1
+        slots.add(slot)
+        buckets.append(keys)
+    return tuple(buckets)
+
+
+def owner_benefit(owner: str) -> str:
+    """The benefit id of a key owner (a benefit, or one of its buckets)."""
+    return owner.split("#", 1)[0]
+
+
 def benefit_id_from_stream(stream_key: str) -> str:
     start = stream_key.index("{b:") + 3
     return stream_key[start : stream_key.index("}", start)]
@@ -230,3 +262,4 @@ class Scripts:
         self.codes: AsyncScript = client.register_script(lua_source("codes"))
         self.points: AsyncScript = client.register_script(lua_source("points"))
         self.room: AsyncScript = client.register_script(lua_source("room"))
+        self.buckets: AsyncScript = client.register_script(lua_source("buckets"))

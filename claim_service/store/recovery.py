@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import asyncpg
@@ -34,6 +34,8 @@ from claim_service.config import Settings
 from claim_service.domain import periods
 from claim_service.domain.catalogue import Benefit
 from claim_service.errors import BackendUnavailable, NotFoundError
+from claim_service.store.bucket_recovery import accepted_in_buckets, all_live, rebuild_buckets
+from claim_service.store.buckets import shards_of
 from claim_service.store.catalogue_store import load_benefit, load_benefits, push_benefit
 from claim_service.store.keyspace import (
     CATALOGUE_LIVE_KEY,
@@ -113,14 +115,15 @@ class Recovery:
         not know it. Raises ``BackendUnavailable`` when it cannot be done now."""
         keys = BenefitKeys(benefit_id)
         try:
-            if not force and await is_live(self.redis, keys.live):
+            shards = await shards_of(self.redis, benefit_id)
+            if not force and await all_live(self.redis, benefit_id, shards):
                 return True
             async with benefit_lock(self.redis, benefit_id):
                 if force:
                     await self.scripts.live(keys=[keys.live], args=["clear"])
-                elif await is_live(self.redis, keys.live):
+                elif await all_live(self.redis, benefit_id, shards):
                     return True  # another process finished it while we waited
-                return await self._rebuild(benefit_id)
+                return await self._rebuild(benefit_id, force=force)
         except LockError as exc:
             raise BackendUnavailable(f"benefit {benefit_id!r} is being recovered") from exc
         except RedisError as exc:
@@ -128,7 +131,7 @@ class Recovery:
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
             raise BackendUnavailable("PostgreSQL is unavailable") from exc
 
-    async def _rebuild(self, benefit_id: str) -> bool:
+    async def _rebuild(self, benefit_id: str, *, force: bool = False) -> bool:
         try:
             benefit = await load_benefit(self.pool, self.settings.tz, benefit_id)
         except NotFoundError:
@@ -143,8 +146,18 @@ class Recovery:
         # (and counted once), never missed.
         in_stream = await stream_claims(self.redis, keys.stream)
         snapshot = await read_snapshot(self.pool, benefit_id, period, previous, in_stream)
-        await self._write(benefit, snapshot)
-        await self.scripts.live(keys=[keys.live], args=["mark"])
+        if benefit.shards > 1:  # the claims are counted in the buckets
+            await self._write(keys, replace(snapshot, claims=[]))
+            await self.scripts.live(keys=[keys.live], args=["mark"])
+
+            async def read(bucket: BenefitKeys) -> Snapshot:
+                claims = await stream_claims(self.redis, bucket.stream)
+                return await read_snapshot(self.pool, benefit_id, period, previous, claims)
+
+            await rebuild_buckets(self.redis, benefit, period, read, self._write, force=force)
+        else:
+            await self._write(keys, snapshot)
+            await self.scripts.live(keys=[keys.live], args=["mark"])
         await announce(self.redis, benefit_id)
         log.info(
             "benefit %s recovered for %s: %d claim(s), %d not yet persisted",
@@ -155,10 +168,13 @@ class Recovery:
         )
         return True
 
-    async def _write(self, benefit: Benefit, snapshot: Snapshot) -> None:
-        keys = BenefitKeys(benefit.benefit_id)
+    async def _write(
+        self, keys: BenefitKeys, snapshot: Snapshot, moves: dict[str, int] | None = None
+    ) -> None:
+        """Replace the counters under ``keys`` (a benefit's or a bucket's, with its
+        ``moves``) with what ``snapshot`` says they must be."""
         period, expected = snapshot.period, snapshot.expected_counters()
-        stock_pairs: list[tuple[str, Any]] = list(expected.stock.items())
+        stock_pairs: list[tuple[str, Any]] = [*expected.stock.items(), *(moves or {}).items()]
         await self._restore(keys.stock(period), "replace", stock_pairs, keep_max="added")
         await self._restore(keys.used(period), "replace", list(expected.used.items()))
         await self._restore(keys.idempotency(period), "replace", list(expected.idem))
@@ -238,6 +254,10 @@ class Recovery:
             if not await is_live(self.redis, keys.live):
                 continue  # recovered on its first claim anyway
             period = claim_period(benefit, self.calendar, now_ms)
+            if benefit.shards > 1 and not await all_live(
+                self.redis, benefit.benefit_id, benefit.shards
+            ):
+                continue
             # PostgreSQL first: a row persisted after Redis was read would look like a claim
             # Redis lacks (at release time, every check would rebuild the benefit). A claim
             # reaches PostgreSQL only after Redis accepted it, so read in this order a Redis
@@ -248,7 +268,10 @@ class Recovery:
                 benefit.benefit_id,
                 period,
             )
-            accepted = int(await self.redis.hget(keys.stock(period), "accepted") or 0)
+            if benefit.shards > 1:
+                accepted = await accepted_in_buckets(self.redis, benefit, period) or 0
+            else:
+                accepted = int(await self.redis.hget(keys.stock(period), "accepted") or 0)
             if persisted > accepted:
                 log.warning(
                     "Redis is behind PostgreSQL for %s/%s (%d accepted in Redis, %d "

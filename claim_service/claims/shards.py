@@ -1,0 +1,159 @@
+"""Borrowing between the stock buckets of a sharded benefit (see ``domain.shards``).
+
+A member's claims are decided in their bucket. When ``claim.lua`` answers ``sold_out`` there,
+the bucket borrows before anyone is told so: every other bucket is asked, at once, to lend
+it a bounded step (``buckets.lua``: at least what the refused claims need, at most ``STEP``
+more from a well-stocked bucket), the loans are credited to the bucket, and the refused
+claims are decided again. ``sold_out`` is answered only when one such round found every
+bucket empty and no units in flight: lent by one bucket and not yet credited to another
+(a borrower that stopped half-way; the round credits them and looks again). So the last unit
+of the benefit is always reachable from every bucket, and no member hears ``sold_out`` while
+a bucket still holds stock.
+
+With ``CLAIM_DURABILITY`` on, a loan is credited only once the donor's server has made it
+durable: a donor that restarts from its AOF or fails over to a replica never forgets a loan
+another bucket already counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+from redis.asyncio import Redis
+
+from claim_service.claims.decisions import ClaimDecision
+from claim_service.claims.durability import DurableAck, held_connection
+from claim_service.domain.catalogue import Benefit
+from claim_service.errors import BackendUnavailable
+from claim_service.store.buckets import HOLD_MS, BucketState, BucketUnverified, credit, lend
+from claim_service.store.keyspace import BenefitKeys, Scripts, bucket_keys
+
+STEP = 64  # units a bucket lends beyond the wanted ones, at most (and 1/K of what it has)
+CONCURRENT = 4  # borrowings in flight per process (each asks every other bucket at once)
+ROUNDS = 32  # borrowing rounds for one batch before answering "retry" instead of guessing
+
+Item = TypeVar("Item")
+Decide = Callable[[list[Item]], Awaitable[tuple[list[ClaimDecision], bool]]]
+
+
+class Borrower:
+    """One per engine: moves units to a bucket whose members were refused ``sold_out``."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        scripts: Scripts,
+        durability: DurableAck,
+        recover: Callable[[str], Awaitable[object]],
+    ) -> None:
+        self.redis = redis
+        self.scripts = scripts
+        self.durability = durability
+        self.recover = recover
+        self.loans = 0  # lend calls that moved units
+        self.rounds = 0
+        # A cluster client's connection pools refuse (rather than queue) beyond their size.
+        self._slots = asyncio.Semaphore(CONCURRENT)
+
+    async def settle(
+        self,
+        benefit: Benefit,
+        receiver: int,
+        batch: Sequence[Item],
+        decisions: list[ClaimDecision],
+        durable: bool,
+        decide: Decide[Item],
+    ) -> tuple[list[ClaimDecision | None], bool]:
+        """The batch's final decisions: its ``sold_out`` ones decided again after borrowing
+        until they are taken or the whole benefit is sold out. ``None`` for a claim still
+        undecided after ``ROUNDS`` (the caller answers "retry")."""
+        final: list[ClaimDecision | None] = list(decisions)
+        for _round in range(ROUNDS):
+            refused = [i for i, d in enumerate(final) if d is not None and d.code == "sold_out"]
+            if not refused:
+                return final, durable
+            period = decisions[refused[0]].period
+            if await self.borrow(benefit, period, receiver, len(refused)) <= 0:
+                return final, durable  # every bucket is empty: sold out for real
+            again, again_durable = await decide([batch[i] for i in refused])
+            durable = durable and again_durable
+            for i, decided in zip(refused, again, strict=True):
+                final[i] = decided
+        for i, left in enumerate(final):
+            if left is not None and left.code == "sold_out":
+                final[i] = None
+        return final, durable
+
+    async def borrow(self, benefit: Benefit, period: str, receiver: int, wanted: int) -> int:
+        """Units bucket ``receiver`` holds after borrowing for ``wanted`` claims; 0 only when
+        every bucket was found empty with nothing in flight."""
+        buckets = bucket_keys(benefit.benefit_id, benefit.shards)
+        for _round in range(ROUNDS):
+            self.rounds += 1
+            try:
+                async with self._slots:
+                    left = await self._round(buckets, period, receiver, wanted)
+            except BucketUnverified:
+                await self.recover(benefit.benefit_id)
+                continue
+            if left is not None:
+                return left
+        raise BackendUnavailable("stock is being moved between buckets; retry")
+
+    async def _round(
+        self, buckets: tuple[BenefitKeys, ...], period: str, receiver: int, wanted: int
+    ) -> int | None:
+        """One round: the receiver's units after it, 0 when sold out, None to go again."""
+        shards = len(buckets)
+        donors = [j for j in range(shards) if j != receiver]
+        each = max(1, math.ceil(wanted / len(donors)))
+        lent = await asyncio.gather(
+            *(self._lend(buckets[j], period, shards, receiver, each) for j in donors)
+        )
+        seen = dict(zip(donors, lent, strict=True))
+        loans = {j: s.out[receiver] for j, s in seen.items() if s.out[receiver] > 0}
+        seen[receiver] = here = await credit(self.scripts, buckets[receiver], period, shards, loans)
+        self.loans += sum(1 for s in lent if s.lent > 0)
+        if here.left > 0:
+            return here.left
+        if any(s.lent > 0 for s in lent):
+            return None  # what came was not enough (the bucket was below zero)
+        if any(s.held for s in lent):  # units kept for the claims that just borrowed them
+            await asyncio.sleep(HOLD_MS / 4000)
+            return None
+        flights = _in_flight(seen, shards)
+        if not flights:
+            return 0
+        await asyncio.gather(
+            *(credit(self.scripts, buckets[b], period, shards, owed) for b, owed in flights.items())
+        )
+        return None
+
+    async def _lend(
+        self, keys: BenefitKeys, period: str, shards: int, receiver: int, wanted: int
+    ) -> BucketState:
+        if not self.durability.enabled:
+            return await lend(self.scripts, keys, period, shards, receiver, wanted, STEP)
+        async with held_connection(self.redis, keys.config) as conn:
+            state = await lend(
+                self.scripts, keys, period, shards, receiver, wanted, STEP, client=conn
+            )
+            # buckets.lua always writes (the hash's TTL), so the wait covers every loan the
+            # reply shows, the ones other borrowers made too.
+            if not await self.durability.confirm(conn, wrote=True):
+                raise BackendUnavailable("Redis did not confirm a stock loan durable; retry")
+            return state
+
+
+def _in_flight(seen: dict[int, BucketState], shards: int) -> dict[int, dict[int, int]]:
+    """Loans some bucket made that the receiving bucket had not counted when it was read:
+    receiver -> {donor: the donor's cumulative loans to it}."""
+    owed: dict[int, dict[int, int]] = {}
+    for donor, state in seen.items():
+        for to in range(shards):
+            if to != donor and to in seen and state.out[to] > seen[to].received[donor]:
+                owed.setdefault(to, {})[donor] = state.out[to]
+    return owed

@@ -3,6 +3,14 @@ fixtures more than one test module uses. Plain helpers are in ``tests/helpers.py
 
 The servers are started by the project's own ``EmbeddedServers``. To run against servers
 you manage, set ``CLAIM_TEST_REDIS_URL`` and ``CLAIM_TEST_DATABASE_URL`` (they are flushed!).
+
+A test that must hold on both Redis deployments takes ``backend_settings``, ``backend_redis``
+or ``backend_client`` instead of ``settings``, ``redis`` or ``client``: it then runs twice,
+against the one Valkey (under its plain id, ``test_x``) and against a local Valkey Cluster
+(``test_x[cluster]``; three primaries started by ``EmbeddedCluster`` once per run, only if a
+cluster test runs, or the cluster at ``CLAIM_TEST_CLUSTER_URL``, flushed too). ``-k cluster``
+or ``-k "not cluster"`` picks one side. ``cluster_settings``, ``cluster_redis`` and
+``cluster_client`` are the cluster's alone (``tests/cluster``).
 """
 
 from __future__ import annotations
@@ -11,6 +19,8 @@ import asyncio
 import os
 import subprocess
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 import asyncpg
@@ -22,6 +32,7 @@ from claim_service.config import Settings
 from claim_service.http.server import Guard
 from claim_service.http.service import create_apps
 from claim_service.local.embedded import EmbeddedServers
+from claim_service.local.embedded_cluster import EmbeddedCluster
 from claim_service.local.partner_sim import PartnerSimulator
 from claim_service.local.partner_sim_config import SimConfig
 from claim_service.store.connections import create_pg_pool, create_redis
@@ -57,13 +68,81 @@ def settings(server_urls: tuple[str, str]) -> Settings:
     return Settings.from_env({}, redis_url=redis_url, database_url=database_url, shed_lag_ms=0)
 
 
+@pytest.fixture(scope="session")
+def cluster_url() -> Iterator[str]:
+    """A Valkey Cluster of three primaries (no replicas) for the whole run, with the same
+    PostgreSQL as the other tests; or the one at ``CLAIM_TEST_CLUSTER_URL``."""
+    configured = os.environ.get("CLAIM_TEST_CLUSTER_URL")
+    if configured:
+        yield configured
+        return
+    with EmbeddedCluster(primaries=3, replicas_per_primary=0) as cluster:
+        yield cluster.url
+
+
+REDIS, CLUSTER = "redis", "cluster"
+
+
+@pytest.fixture(params=[pytest.param(REDIS, id=pytest.HIDDEN_PARAM), CLUSTER])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Which Redis the ``backend_*`` fixtures use: ``redis`` (one Valkey, the id of the test
+    unchanged) or ``cluster``."""
+    return str(request.param)
+
+
 @pytest.fixture
-async def redis(settings: Settings) -> AsyncIterator[Redis]:
+def cluster_settings(settings: Settings, cluster_url: str) -> Settings:
+    return replace(settings, redis_url=cluster_url)
+
+
+@pytest.fixture
+def backend_settings(request: pytest.FixtureRequest, backend: str, settings: Settings) -> Settings:
+    """``settings``, or ``cluster_settings`` for the ``cluster`` variant (the cluster is
+    started on first use, so that a run of single-Redis tests never starts one)."""
+    if backend == CLUSTER:
+        cluster: Settings = request.getfixturevalue("cluster_settings")
+        return cluster
+    return settings
+
+
+@asynccontextmanager
+async def flushed_redis(settings: Settings) -> AsyncIterator[Redis]:
+    """A client of ``settings``' Redis (one server or a cluster), flushed first."""
     assert settings.redis_url
     client = await create_redis(settings.redis_url)
     await client.flushall()
-    yield client
-    await client.aclose()
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@asynccontextmanager
+async def service_client(
+    settings: Settings, redis: Redis, pool: asyncpg.Pool
+) -> AsyncIterator[TestClient[Any, Any]]:
+    """The in-process service (both listeners) on ``redis`` and ``pool``."""
+    member, admin = create_apps(settings, pools=(redis, pool))
+    async with ServiceClient(member, admin, Guard.for_process(settings)) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+async def redis(settings: Settings) -> AsyncIterator[Redis]:
+    async with flushed_redis(settings) as client:
+        yield client
+
+
+@pytest.fixture
+async def backend_redis(backend_settings: Settings) -> AsyncIterator[Redis]:
+    async with flushed_redis(backend_settings) as client:
+        yield client
+
+
+@pytest.fixture
+async def cluster_redis(cluster_settings: Settings) -> AsyncIterator[Redis]:
+    async with flushed_redis(cluster_settings) as client:
+        yield client
 
 
 @pytest.fixture
@@ -79,8 +158,23 @@ async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
 async def client(
     settings: Settings, redis: Redis, pool: asyncpg.Pool
 ) -> AsyncIterator[TestClient[Any, Any]]:
-    member, admin = create_apps(settings, pools=(redis, pool))
-    async with ServiceClient(member, admin, Guard.for_process(settings)) as test_client:
+    async with service_client(settings, redis, pool) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+async def backend_client(
+    backend_settings: Settings, backend_redis: Redis, pool: asyncpg.Pool
+) -> AsyncIterator[TestClient[Any, Any]]:
+    async with service_client(backend_settings, backend_redis, pool) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+async def cluster_client(
+    cluster_settings: Settings, cluster_redis: Redis, pool: asyncpg.Pool
+) -> AsyncIterator[TestClient[Any, Any]]:
+    async with service_client(cluster_settings, cluster_redis, pool) as test_client:
         yield test_client
 
 

@@ -15,7 +15,7 @@ import uvloop
 from claim_service.claims.durability import check_server
 from claim_service.config import Settings
 from claim_service.errors import ConfigError
-from claim_service.store.connections import create_pg_pool, create_redis
+from claim_service.store.connections import close_redis, create_pg_pool, create_redis
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def refuse_undurable(settings: Settings) -> None:
             for warning in await check_server(redis, settings):
                 log.warning("CLAIM_DURABILITY=%s: %s", settings.durability, warning)
         finally:
-            await redis.aclose(close_connection_pool=True)
+            await close_redis(redis)
         return 0
 
     run_async(check())

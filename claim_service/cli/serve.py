@@ -40,7 +40,7 @@ from claim_service.config import Settings
 from claim_service.http.app import PG
 from claim_service.http.server import Guard, ServiceRunner, file_limit
 from claim_service.http.service import create_admin_app, create_app
-from claim_service.store.connections import create_pg_pool, create_redis
+from claim_service.store.connections import close_redis, create_pg_pool, create_redis
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ async def _serve(settings: Settings, with_writer: bool, reuse_port: bool) -> int
         finally:
             await pg.close()
     finally:
-        await redis.aclose(close_connection_pool=True)
+        await close_redis(redis)
 
 
 async def _listen(
@@ -133,7 +133,7 @@ async def _listen(
             yield
             stop.set()
             await task
-            await redis.aclose(close_connection_pool=True)
+            await close_redis(redis)
 
         member.cleanup_ctx.append(writer_task)
     guard = Guard.for_process(settings)

@@ -1,10 +1,10 @@
 """The core guarantees on a Redis Cluster: the same tests as against one Redis, run with
-the service connected through ``redis+cluster://``."""
+the service connected through ``redis+cluster://`` (the concurrency tests and the claim
+state machine run on both as ``[cluster]`` variants of their own)."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 from collections import Counter
 from dataclasses import replace
 from typing import Any, cast
@@ -12,8 +12,6 @@ from typing import Any, cast
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
-from hypothesis import settings as hypothesis_settings
-from hypothesis.stateful import run_state_machine_as_test
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
@@ -27,32 +25,13 @@ from claim_service.domain.catalogue import parse_benefit
 from claim_service.errors import BackendUnavailable, ConfigError
 from claim_service.http.dashboard import DASHBOARD
 from claim_service.store import catalogue_store
-from claim_service.store.connections import is_cluster
 from claim_service.store.keyspace import BenefitKeys
 from claim_service.store.tiers import save_tiers
 from tests.helpers import benefit_body, drain, fast
-from tests.integration import test_claim_properties, test_concurrency, test_warm, test_writer
 from tests.integration import test_dashboard as td
+from tests.integration import test_warm, test_writer
 
 Client = TestClient[Any, Any]
-EXAMPLES = int(os.environ.get("CLAIM_CLUSTER_EXAMPLES", "15"))
-
-
-async def test_concurrent_http_burst_never_oversells(
-    cluster_client: Client, cluster_settings: Settings
-) -> None:
-    await test_concurrency.test_concurrent_http_burst_never_oversells(
-        cluster_client, cluster_settings
-    )
-
-
-async def test_engines_in_separate_clients_share_stock_exactly(
-    cluster_settings: Settings, cluster_redis: Redis, pool: asyncpg.Pool
-) -> None:
-    assert is_cluster(cluster_redis)
-    await test_concurrency.test_engines_in_separate_clients_share_stock_exactly(
-        cluster_settings, cluster_redis, pool
-    )
 
 
 async def test_the_writer_persists_each_claim_once(
@@ -96,19 +75,6 @@ async def test_benefits_on_every_primary_are_claimed_and_persisted(
     assert {r["benefit_id"]: r["n"] for r in rows} == dict.fromkeys(ids, 20)
     for benefit_id in ids:
         assert await cluster_redis.xlen(BenefitKeys(benefit_id).stream) == 0
-
-
-def test_claims_follow_the_rules(cluster_settings: Settings) -> None:
-    """The hypothesis state machine of ``test_claim_properties`` on the cluster: claims,
-    retries, top-ups, pauses, tier loads, forced rebuilds and lost counters keep the rules
-    (``CLAIM_CLUSTER_EXAMPLES`` examples, default 15)."""
-
-    class Machine(test_claim_properties.ClaimMachine):
-        app_settings = cluster_settings
-
-    run_state_machine_as_test(
-        Machine, settings=hypothesis_settings(test_claim_properties.RUN, max_examples=EXAMPLES)
-    )
 
 
 async def test_what_a_cluster_cannot_serve_yet_is_refused_clearly(

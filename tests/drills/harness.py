@@ -136,9 +136,26 @@ async def serve_release(
     serve, ports = spawn_serve(settings, log, *args, **env)
     procs.append(serve)
     async with aiohttp.ClientSession() as http:
-        await wait_ready(http, ports.base, ports.admin)
+        await ready_unless_exited(serve, log, wait_ready(http, ports.base, ports.admin))
         await open_benefit(http, ports, settings, stock=size.stock, members=size.members)
     return serve, ports
+
+
+async def ready_unless_exited(
+    proc: subprocess.Popen[bytes], log: Path, ready: Awaitable[None]
+) -> None:
+    """Await ``ready``, but fail at once, with the end of ``log``, if ``proc`` exits first
+    (a ``serve`` that refused to start)."""
+    waiting = asyncio.ensure_future(ready)
+    try:
+        while not waiting.done():
+            if proc.poll() is not None:
+                tail = (await asyncio.to_thread(log.read_text, errors="replace"))[-3000:]
+                raise AssertionError(f"exited ({proc.returncode}) before it was ready:\n{tail}")
+            await asyncio.wait({waiting}, timeout=0.1)
+        await waiting
+    finally:
+        waiting.cancel()
 
 
 def claims_of(members: int, second_after: int = 50) -> Iterator[tuple[str, str]]:

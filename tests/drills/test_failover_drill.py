@@ -13,6 +13,13 @@ member tries once more with a new request id: quota 1 and the stock must refuse 
   PostgreSQL afterwards, and claims are accepted again within seconds of the kill.
 - ``CLAIM_DURABILITY=none``: the same drill goes wrong, and the audit says so: claims
   acknowledged while the replicas were frozen die with the master.
+
+Both run with Sentinel (``[replica]``, ``[none]``) and on a Valkey Cluster
+(``[cluster-replica]``, ``[cluster-none]``: three primaries with two replicas each, fsyncing
+every write): there the primary killed is the one serving the benefit's hash slot, its two
+replicas are the ones frozen, and the cluster promotes one of them by itself (its primaries
+vote, no Sentinel). The service follows through ``redis+cluster://``; the burst, the audit and
+what is asserted are the same.
 """
 
 from __future__ import annotations
@@ -23,16 +30,22 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 import asyncpg
 import pytest
 import redis
+from redis.crc import key_slot
 
 from claim_service.config import Settings
+from claim_service.local.embedded_cluster import EmbeddedCluster
 from claim_service.local.embedded_sentinel import EmbeddedSentinelSet
+from claim_service.store.keyspace import BenefitKeys
+from tests.cluster.test_cluster_faults import durable_cluster
 from tests.drills.harness import (
+    BENEFIT,
     RecordingClient,
     audit,
     claims_of,
@@ -46,18 +59,101 @@ from tests.helpers import spawn
 FROZEN_S = 1.0  # how long the replicas fall behind before the master dies
 
 
+class Topology(Protocol):
+    """A replicated Redis the drill fails: where the service connects, which primary serves
+    the drill's benefit now, that primary's replicas, and a ``kill -9`` of a primary."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def url(self) -> str: ...
+
+    def primary(self) -> int:
+        """The port of the primary serving the benefit (raises while nobody knows)."""
+        ...
+
+    def replica_pids(self, primary: int) -> list[int]: ...
+
+    def kill(self, primary: int) -> None: ...
+
+
+@dataclass
+class SentinelTopology:
+    """A master, two replicas and three sentinels; Sentinel promotes a replica."""
+
+    servers: EmbeddedSentinelSet
+    name: str = "sentinel"
+
+    @property
+    def url(self) -> str:
+        return self.servers.url
+
+    def primary(self) -> int:
+        return self.servers.master_port()
+
+    def replica_pids(self, primary: int) -> list[int]:
+        return [n.proc.pid for n in self.servers.nodes if n.port != primary and n.proc]
+
+    def kill(self, primary: int) -> None:
+        proc = self.servers.node(primary).proc
+        assert proc is not None
+        proc.kill()
+
+
+@dataclass
+class ClusterTopology:
+    """A Valkey Cluster: the primary of the benefit's hash slot and the replicas that follow
+    it; the cluster itself promotes one of them once the primary is failed."""
+
+    cluster: EmbeddedCluster
+    name: str = "cluster"
+
+    @property
+    def url(self) -> str:
+        return self.cluster.url
+
+    @property
+    def slot(self) -> int:
+        return key_slot(BenefitKeys(BENEFIT).tag.encode())
+
+    def primary(self) -> int:
+        return self.cluster.primary_for_slot(self.slot).port
+
+    def replica_pids(self, primary: int) -> list[int]:
+        return [n.pid for n in self.cluster.replicas_of(primary) if n.pid is not None]
+
+    def kill(self, primary: int) -> None:
+        self.cluster.kill(primary)
+
+
 @pytest.fixture
-def topology(tmp_path: Path) -> Iterator[EmbeddedSentinelSet]:
-    with EmbeddedSentinelSet(tmp_path / "topology", replicas=2, sentinels=3) as servers:
-        yield servers
+def topology(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Topology]:
+    """``sentinel`` or ``cluster`` (the test's parameter)."""
+    if request.param == "cluster":
+        # Two replicas each: once one is promoted, the other still confirms claims (replica).
+        with durable_cluster(tmp_path / "cluster", replicas=2) as cluster:
+            yield ClusterTopology(cluster)
+    else:
+        with EmbeddedSentinelSet(tmp_path / "topology", replicas=2, sentinels=3) as servers:
+            yield SentinelTopology(servers)
 
 
-@pytest.mark.parametrize("mode", ["replica", "none"])
+# (topology, CLAIM_DURABILITY); the Sentinel cases keep their ids from before the cluster's.
+CASES = [
+    pytest.param("sentinel", "replica", id="replica"),
+    pytest.param("sentinel", "none", id="none"),
+    pytest.param("cluster", "replica", id="cluster-replica"),
+    pytest.param("cluster", "none", id="cluster-none"),
+]
+
+
+@pytest.mark.parametrize(("topology", "mode"), CASES, indirect=["topology"])
 async def test_drill_failover_to_replicas_behind(
     mode: str,
     settings: Settings,
     pool: asyncpg.Pool,
-    topology: EmbeddedSentinelSet,
+    topology: Topology,
     procs: list[subprocess.Popen[bytes]],
     tmp_path: Path,
 ) -> None:
@@ -77,17 +173,17 @@ async def test_drill_failover_to_replicas_behind(
     burst = asyncio.create_task(client.burst(list(claims_of(size.members)), size.concurrency))
     await client.acknowledged_at_least(size.stock // 5)
 
-    master = topology.node(topology.master_port())
-    replicas = [node for node in topology.nodes if node is not master]
-    frozen = [node.proc.pid for node in replicas if node.proc] + [writer.pid]
+    master = topology.primary()
+    replicas = topology.replica_pids(master)
+    assert len(replicas) == 2, replicas
+    frozen = [*replicas, writer.pid]
     for pid in frozen:
         os.kill(pid, signal.SIGSTOP)
-    with redis.Redis(port=master.port) as direct:
+    with redis.Redis(port=master) as direct:
         direct.client_kill_filter(_type="replica")
     froze = time.monotonic()
     await asyncio.sleep(FROZEN_S)
-    assert master.proc is not None
-    master.proc.kill()
+    topology.kill(master)
     killed = time.monotonic()
     # Acknowledged though sent after the freeze (a moment later: SIGSTOP takes effect at once,
     # a request already answered by a replica may still be on its way back).
@@ -101,16 +197,16 @@ async def test_drill_failover_to_replicas_behind(
 
     async def promoted() -> bool:
         try:
-            return topology.master_port() != master.port
+            return topology.primary() != master
         except Exception:
             return False
 
-    await until(promoted, 30, "Sentinel to promote a replica")
+    await until(promoted, 30, f"{topology.name} to promote a replica")
     await burst
     await client.burst([(f"u{i}", "c") for i in range(size.members)], size.concurrency)
     await drained(topology.url)
     report = await audit(
-        f"4 sentinel failover, durability={mode}",
+        f"4 {topology.name} failover, durability={mode}",
         client.record,
         pool,
         local,

@@ -1,4 +1,5 @@
-"""Many concurrent clients over HTTP, and several engines sharing one Redis."""
+"""Many concurrent clients over HTTP, and several engines sharing one Redis; each test runs
+against one Valkey and, as ``[cluster]``, against a local Valkey Cluster."""
 
 from __future__ import annotations
 
@@ -25,7 +26,10 @@ from tests.helpers import admin, auth, benefit_body
 Client = TestClient[Any, Any]
 
 
-async def test_concurrent_http_burst_never_oversells(client: Client, settings: Settings) -> None:
+async def test_concurrent_http_burst_never_oversells(
+    backend_client: Client, backend_settings: Settings
+) -> None:
+    client, settings = backend_client, backend_settings
     stock = 150
     members = {f"u{i}": random.Random(i).choice([2, 4, 6, 8, 12]) for i in range(400)}
     resp = await client.put(
@@ -70,9 +74,10 @@ async def test_concurrent_http_burst_never_oversells(client: Client, settings: S
 
 
 async def test_engines_in_separate_clients_share_stock_exactly(
-    settings: Settings, redis: Redis, pool: asyncpg.Pool
+    backend_settings: Settings, backend_redis: Redis, pool: asyncpg.Pool
 ) -> None:
     """Four engines with their own connections (as four worker processes would have)."""
+    settings, redis = backend_settings, backend_redis
     stock = 300
     benefit = parse_benefit("video", benefit_body(stock=stock, quota=5), settings.tz)
     await catalogue_store.push_benefit(redis, await catalogue_store.save_benefit(pool, benefit))

@@ -8,7 +8,8 @@ claims are decided again. ``sold_out`` is answered only when one such round foun
 bucket empty and no units in flight: lent by one bucket and not yet credited to another
 (a borrower that stopped half-way; the round credits them and looks again). So the last unit
 of the benefit is always reachable from every bucket, and no member hears ``sold_out`` while
-a bucket still holds stock.
+a bucket still holds stock. Once a round found the benefit empty, this process answers so
+for ``DRAINED_S`` without asking again (less if a change is announced).
 
 With ``CLAIM_DURABILITY`` on, a loan is credited only once the donor's server has made it
 durable: a donor that restarts from its AOF or fails over to a replica never forgets a loan
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
@@ -30,9 +32,15 @@ from claim_service.domain.catalogue import Benefit
 from claim_service.errors import BackendUnavailable
 from claim_service.store.buckets import HOLD_MS, BucketState, BucketUnverified, credit, lend
 from claim_service.store.keyspace import BenefitKeys, Scripts, bucket_keys
+from claim_service.store.stock_events import EVERY_BENEFIT, listen_here
 
 STEP = 64  # units a bucket lends beyond the wanted ones, at most (and 1/K of what it has)
 CONCURRENT = 4  # borrowings in flight per process (each asks every other bucket at once)
+# How long a round that found the whole benefit empty answers for this process: the sold-out
+# tail then costs one borrowing round per benefit per DRAINED_S instead of one per refused
+# claim. Announced changes (refund, top-up, pushed configuration, rebuilt counters: see
+# ``stock_events``) made in this process end it at once.
+DRAINED_S = 0.1
 ROUNDS = 32  # borrowing rounds for one batch before answering "retry" instead of guessing
 
 Item = TypeVar("Item")
@@ -57,6 +65,16 @@ class Borrower:
         self.rounds = 0
         # A cluster client's connection pools refuse (rather than queue) beyond their size.
         self._slots = asyncio.Semaphore(CONCURRENT)
+        self._drained: dict[tuple[str, str], float] = {}  # (benefit, period) -> until
+        listen_here(self.forget)
+
+    def forget(self, benefit_id: str) -> None:
+        """Stock may have come back (``stock_events.announce``): look again."""
+        if benefit_id == EVERY_BENEFIT:
+            self._drained.clear()
+        else:
+            for key in [k for k in self._drained if k[0] == benefit_id]:
+                self._drained.pop(key, None)
 
     async def settle(
         self,
@@ -90,6 +108,10 @@ class Borrower:
     async def borrow(self, benefit: Benefit, period: str, receiver: int, wanted: int) -> int:
         """Units bucket ``receiver`` holds after borrowing for ``wanted`` claims; 0 only when
         every bucket was found empty with nothing in flight."""
+        drained = (benefit.benefit_id, period)
+        if self._drained.get(drained, 0.0) > time.monotonic():
+            return 0
+        self._drained.pop(drained, None)
         buckets = bucket_keys(benefit.benefit_id, benefit.shards)
         for _round in range(ROUNDS):
             self.rounds += 1
@@ -99,6 +121,8 @@ class Borrower:
             except BucketUnverified:
                 await self.recover(benefit.benefit_id)
                 continue
+            if left == 0:
+                self._drained[drained] = time.monotonic() + DRAINED_S
             if left is not None:
                 return left
         raise BackendUnavailable("stock is being moved between buckets; retry")

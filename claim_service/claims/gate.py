@@ -37,6 +37,7 @@ from redis.exceptions import RedisError
 
 from claim_service.claims.decisions import ClaimDecision, Span
 from claim_service.domain.catalogue import Benefit
+from claim_service.store.connections import is_cluster
 from claim_service.store.keyspace import STOCK_CHANNEL, BenefitKeys, text
 from claim_service.store.stock_events import EVERY_BENEFIT, listen_here
 
@@ -73,6 +74,7 @@ class Gate:
 
     def __init__(self, redis: Redis, *, recheck_s: float = RECHECK_S) -> None:
         self.redis = redis
+        self.cluster = is_cluster(redis)
         self.recheck_s = recheck_s
         self._known: dict[str, _Known] = {}
         self._tiers: dict[str, int] = {}
@@ -211,8 +213,13 @@ class Gate:
         task.add_done_callback(self._tasks.discard)
 
     async def _stamp(self, benefit_id: str, where: Span) -> tuple[Any, ...]:
+        """The counters that could change the gate's answers. On a cluster they are read in
+        a plain pipeline (one round trip to the benefit's primary): redis-py queues each
+        command of a cluster transaction in a thread of its own, the event loop waiting.
+        Nothing is lost: each key is read before a snapshot's scan and again after it, so
+        equal stamps still mean no key changed in between."""
         keys = BenefitKeys(benefit_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with self.redis.pipeline(transaction=not self.cluster) as pipe:
             pipe.hgetall(keys.stock(where.period))
             pipe.hmget(keys.config, "version", "paused")
             pipe.hgetall(keys.codes)

@@ -18,7 +18,8 @@ from claim_service.domain.catalogue import Benefit
 from claim_service.domain.points import parse_lots, spendable_points
 from claim_service.domain.zones import Zone, next_tier
 from claim_service.errors import BackendUnavailable
-from claim_service.store.keyspace import POINTS_KEY, ZONES_KEY, BenefitKeys, tiers_key
+from claim_service.store.buckets import member_bucket
+from claim_service.store.keyspace import POINTS_KEY, ZONES_KEY, BenefitKeys, bucket_keys, tiers_key
 from claim_service.store.zones_store import load_zones, zones_from_mirror
 
 
@@ -99,7 +100,10 @@ async def _read(engine: ClaimEngine, user_id: str) -> _Catalogue:
                 period = benefit.release.period_at(now, engine.tz)
                 keys = BenefitKeys(benefit.benefit_id)
                 pipe.hmget(keys.stock(period), ["added", "taken"])
-                pipe.hget(keys.used(period), user_id)
+                mine = member_bucket(benefit.benefit_id, benefit.shards, user_id)
+                pipe.hget(mine.used(period), user_id)
+                for bucket in _buckets(benefit):  # a sharded benefit's claims are there
+                    pipe.hget(bucket.stock(period), "taken")
             pipe.hget(POINTS_KEY, user_id)
             pipe.hgetall(ZONES_KEY)  # in the same round trip: zones cost no extra one
             results = await pipe.execute()
@@ -109,14 +113,20 @@ async def _read(engine: ClaimEngine, user_id: str) -> _Catalogue:
     points = spendable_points(parse_lots(results.pop()), engine.redis_ms())
     tier = int(results[0]) if results[0] is not None else 0
     views = []
-    for i, benefit in enumerate(benefits):
-        (added, taken), used = results[1 + 2 * i : 3 + 2 * i]
+    replies = iter(results[1:])
+    for benefit in benefits:
+        (added, taken), used = next(replies), next(replies)
+        taken = int(taken or 0) + sum(int(next(replies) or 0) for _ in _buckets(benefit))
         period = benefit.release.period_at(now, engine.tz)
-        stock_left = benefit.stock_per_period + int(added or 0) - int(taken or 0)
+        stock_left = benefit.stock_per_period + int(added or 0) - taken
         views.append(
             _view(engine, benefit, period, now, tier, int(used or 0), max(stock_left, 0), points)
         )
     return _Catalogue(tier, points, benefits, views, zones_mirror)
+
+
+def _buckets(benefit: Benefit) -> tuple[BenefitKeys, ...]:
+    return bucket_keys(benefit.benefit_id, benefit.shards) if benefit.shards > 1 else ()
 
 
 def _view(

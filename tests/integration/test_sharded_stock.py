@@ -22,8 +22,10 @@ from claim_service.claims.writer import ClaimWriter
 from claim_service.config import Settings
 from claim_service.domain import periods
 from claim_service.domain.shards import bucket_of, share
+from claim_service.store import catalogue_store
 from claim_service.store.connections import is_cluster
 from claim_service.store.keyspace import BenefitKeys, bucket_keys, text
+from claim_service.store.reconcile import Reconciler
 from tests.helpers import admin, auth, benefit_body, direct, drain, fast
 from tests.integration import test_draws
 
@@ -262,3 +264,54 @@ def test_buckets_sit_on_distinct_slots_and_shares_add_up() -> None:
             for total in (0, 1, 7, 400, 80_000):
                 parts = [share(total, shards, n) for n in range(shards)]
                 assert sum(parts) == total and max(parts) - min(parts) <= 1
+
+
+async def test_views_and_reconcile_add_up_the_buckets(
+    backend_client: Client, backend_settings: Settings, backend_redis: Redis, pool: asyncpg.Pool
+) -> None:
+    """The member's catalogue shows the benefit's stock left and their own quota use (kept in
+    their bucket); reconcile compares each bucket with its members' claims: none drift after
+    a release with borrowing, a bucket's counter changed behind its back does."""
+    client, settings, redis = backend_client, backend_settings, backend_redis
+    stock = 20
+    members = {f"v{i}": 4 for i in range(60)}
+    period = await open_sharded(client, settings, "seen", stock, members)
+    users = list(members)
+    for user in users[:12]:
+        resp = await client.post(
+            "/v1/benefits/seen/claims",
+            headers=auth(settings, user),
+            json={"request_id": "r", "option_id": "iqiyi"},
+        )
+        assert resp.status == 202
+    resp = await client.post(
+        "/admin/v1/benefits/seen/stock", json={"amount": 5}, headers=admin(settings)
+    )
+    assert resp.status in (200, 201), await resp.text()
+    listing = await (await client.get("/v1/benefits", headers=auth(settings, users[0]))).json()
+    (view,) = [b for b in listing["benefits"] if b["benefit_id"] == "seen"]
+    assert view["stock_left"] == stock + 5 - 12
+    assert view["quota"] == {"used": 1, "allowed": 1}
+    assert view["reason"] == "quota_exceeded"
+    other = await (await client.get("/v1/benefits", headers=auth(settings, users[-1]))).json()
+    assert [b["quota"]["used"] for b in other["benefits"] if b["benefit_id"] == "seen"] == [0]
+
+    benefit = await catalogue_store.load_benefit(pool, settings.tz, "seen")
+    reconciler = Reconciler(pool, redis, settings)
+    check = await reconciler.check(benefit)
+    assert check.live and check.drift == []
+    for user in users[12:]:  # the rest, with borrowing between buckets
+        await client.post(
+            "/v1/benefits/seen/claims",
+            headers=auth(settings, user),
+            json={"request_id": "r", "option_id": "iqiyi"},
+        )
+    check = await reconciler.check(benefit)
+    assert check.live and check.drift == []
+    assert sum(c.get("taken", 0) for c in await bucket_counters(redis, "seen", period)) == 25
+    victim = bucket_keys("seen", SHARDS)[bucket_of(users[0], SHARDS)]
+    await redis.hincrby(victim.stock(period), "taken", -1)
+    check = await reconciler.check(benefit)
+    assert [d.kind for d in check.drift] == ["taken"]
+    fixed = await reconciler.fix(benefit)
+    assert fixed.drift == []

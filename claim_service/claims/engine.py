@@ -21,7 +21,7 @@ from typing import Any
 
 import asyncpg
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from claim_service import metrics
 from claim_service.claims.benefit_cache import BenefitCache
@@ -305,7 +305,7 @@ class ClaimEngine:
                     tiers = await self.redis.hmget(tiers_key(span.tiers_period), users)
                     argv += [0 if t is None else int(t) for t in tiers]
                 raw, replied_at, durable = await self._run_script(keys, span, argv)
-            except RedisError as exc:
+            except (RedisError, RedisClusterException) as exc:
                 raise BackendUnavailable("Redis is unavailable") from exc
             self.batches += 1
             self.batched_claims += len(batch)

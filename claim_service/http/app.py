@@ -15,7 +15,7 @@ import asyncpg
 import orjson
 from aiohttp import web
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from claim_service import metrics
 from claim_service.claims.engine import ClaimEngine
@@ -182,7 +182,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             request.path,
         )
         return error_response(503, "unavailable", "a stored secret cannot be read; retry later")
-    except (RedisError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+    except (
+        RedisError,
+        RedisClusterException,  # a cluster's own errors (a slot no primary serves)
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+        OSError,
+    ) as exc:
         log.warning("backend error on %s %s: %r", request.method, request.path, exc)
         return error_response(503, "unavailable", "a backing service is unavailable; retry")
     except Exception:

@@ -134,17 +134,22 @@ class Borrower:
         shards = len(buckets)
         donors = [j for j in range(shards) if j != receiver]
         each = max(1, math.ceil(wanted / len(donors)))
-        lent = await asyncio.gather(
-            *(self._lend(buckets[j], period, shards, receiver, each) for j in donors)
+        replies = await asyncio.gather(
+            *(self._lend(buckets[j], period, shards, receiver, each) for j in donors),
+            return_exceptions=True,
         )
-        seen = dict(zip(donors, lent, strict=True))
+        seen = {j: r for j, r in zip(donors, replies, strict=True) if isinstance(r, BucketState)}
+        lent = list(seen.values())
         loans = {j: s.out[receiver] for j, s in seen.items() if s.out[receiver] > 0}
         seen[receiver] = here = await credit(self.scripts, buckets[receiver], period, shards, loans)
         self.loans += sum(1 for s in lent if s.lent > 0)
         if here.left > 0:
-            return here.left
+            return here.left  # what the buckets that answered lent is enough
         if any(s.lent > 0 for s in lent):
             return None  # what came was not enough (the bucket was below zero)
+        for failed in replies:
+            if isinstance(failed, BaseException):
+                raise failed  # a bucket unverified or out of reach: it may hold stock
         if any(s.held for s in lent):  # units kept for the claims that just borrowed them
             await asyncio.sleep(HOLD_MS / 4000)
             return None

@@ -107,12 +107,32 @@ class Recovery:
         self.settings = settings
         self.calendar = calendar or periods.Calendar(settings.tz)
         self.scripts = Scripts(redis)
+        self._running: dict[str, asyncio.Future[bool]] = {}
 
     # -- one benefit -----------------------------------------------------------------------
 
     async def ensure_benefit(self, benefit_id: str, *, force: bool = False) -> bool:
         """Make ``benefit_id`` live (rebuild it when ``force``). False when PostgreSQL does
-        not know it. Raises ``BackendUnavailable`` when it cannot be done now."""
+        not know it. Raises ``BackendUnavailable`` when it cannot be done now. Concurrent
+        calls in this process share one attempt (after a failover every claim waiting on the
+        benefit asks at once: one lock poller, not hundreds)."""
+        if force:
+            return await self._ensure(benefit_id, force=True)
+        running = self._running.get(benefit_id)
+        if running is None:
+            running = asyncio.ensure_future(self._ensure(benefit_id, force=False))
+            self._running[benefit_id] = running
+
+            def done(task: asyncio.Future[bool]) -> None:
+                if self._running.get(benefit_id) is task:
+                    del self._running[benefit_id]
+                if not task.cancelled():
+                    task.exception()  # retrieved: every waiter gets it through the shield
+
+            running.add_done_callback(done)
+        return await asyncio.shield(running)
+
+    async def _ensure(self, benefit_id: str, *, force: bool) -> bool:
         keys = BenefitKeys(benefit_id)
         try:
             shards = await shards_of(self.redis, benefit_id)

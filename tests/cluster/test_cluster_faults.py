@@ -1,5 +1,7 @@
 """Faults on a Redis Cluster during a burst: the benefit's slot migrated live to another
-primary, and the benefit's primary killed (its replica takes over). A client retries each
+primary, and the benefit's primary killed (its replica takes over); each for a plain
+benefit and for a sharded one (``[sharded]``: 8 buckets, the fault hitting a bucket's slot
+while the buckets borrow from each other). A client retries each
 unanswered claim with the same request id, as an app does. Afterwards every acknowledged
 claim is in PostgreSQL once, exactly the stock is taken, and no member has two."""
 
@@ -13,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import asyncpg
+import pytest
 from redis.asyncio import Redis
 
 from claim_service.claims.decisions import ClaimDecision, ClaimRequest
@@ -25,7 +28,7 @@ from claim_service.errors import BackendUnavailable
 from claim_service.local.embedded_cluster import EmbeddedCluster, NodeInfo
 from claim_service.store import catalogue_store
 from claim_service.store.connections import close_redis, create_redis
-from claim_service.store.keyspace import BenefitKeys
+from claim_service.store.keyspace import BenefitKeys, bucket_keys
 from claim_service.store.tiers import save_tiers
 from tests.helpers import benefit_body, drain, fast
 
@@ -44,12 +47,26 @@ def durable_cluster(data_dir: Path, replicas: int) -> EmbeddedCluster:
     )  # fmt: skip
 
 
+SHARDS = [pytest.param(1, id="plain"), pytest.param(8, id="sharded")]
+
+
+def fault_slot(redis: Redis, shards: int) -> int:
+    """The slot the fault hits: the benefit's, or its first bucket's."""
+    keys = BenefitKeys("video") if shards == 1 else bucket_keys("video", shards)[0]
+    return int(redis.keyslot(keys.config))  # type: ignore[attr-defined]
+
+
 async def burst(
-    settings: Settings, redis: Redis, pool: asyncpg.Pool, fault: Callable[[], None]
+    settings: Settings,
+    redis: Redis,
+    pool: asyncpg.Pool,
+    fault: Callable[[], None],
+    shards: int = 1,
 ) -> tuple[dict[str, ClaimDecision], int]:
     """MEMBERS members claim once each (quota 1) while ``fault`` runs in a thread; returns
     each member's final answer and how many attempts were refused for a while."""
-    benefit = parse_benefit("video", benefit_body(stock=STOCK, quota=1), settings.tz)
+    body = {**benefit_body(stock=STOCK, quota=1), "shards": shards}
+    benefit = parse_benefit("video", body, settings.tz)
     await catalogue_store.push_benefit(redis, await catalogue_store.save_benefit(pool, benefit))
     period = periods.current_period(settings.tz)
     await save_tiers(pool, redis, period, [(f"m{i}", 5) for i in range(MEMBERS)])
@@ -90,8 +107,10 @@ async def assert_nothing_lost_or_doubled(
     assert sorted(r["claim_id"] for r in rows) == sorted(str(c) for c in accepted.values())
     assert len({r["user_id"] for r in rows}) == len(rows) == STOCK
     period = periods.current_period(settings.tz)
-    taken = await redis.hget(BenefitKeys("video").stock(period), "taken")
-    assert taken is not None and int(taken) == STOCK
+    shards = int(await redis.hget(BenefitKeys("video").config, "shards") or 1)
+    owners = [BenefitKeys("video")] if shards == 1 else bucket_keys("video", shards)
+    taken = [await redis.hget(keys.stock(period), "taken") for keys in owners]
+    assert sum(int(t or 0) for t in taken) == STOCK
 
 
 async def connect(settings: Settings, cluster: EmbeddedCluster) -> tuple[Settings, Redis]:
@@ -103,19 +122,20 @@ async def connect(settings: Settings, cluster: EmbeddedCluster) -> tuple[Setting
     return on_cluster, await create_redis(cluster.url)
 
 
+@pytest.mark.parametrize("shards", SHARDS)
 async def test_a_slot_migrated_during_a_burst_loses_and_duplicates_nothing(
-    settings: Settings, pool: asyncpg.Pool, tmp_path: Path
+    settings: Settings, pool: asyncpg.Pool, tmp_path: Path, shards: int
 ) -> None:
     with durable_cluster(tmp_path, 1) as own_cluster:
-        await _migrated_during_a_burst(settings, pool, own_cluster)
+        await _migrated_during_a_burst(settings, pool, own_cluster, shards)
 
 
 async def _migrated_during_a_burst(
-    settings: Settings, pool: asyncpg.Pool, own_cluster: EmbeddedCluster
+    settings: Settings, pool: asyncpg.Pool, own_cluster: EmbeddedCluster, shards: int = 1
 ) -> None:
     on_cluster, redis = await connect(settings, own_cluster)
     try:
-        slot = redis.keyslot(BenefitKeys("video").config)  # type: ignore[attr-defined]
+        slot = fault_slot(redis, shards)
         source = own_cluster.primary_for_slot(slot)
         target = next(n for n in own_cluster.nodes if n.role == "primary" and n != source)
 
@@ -123,26 +143,27 @@ async def _migrated_during_a_burst(
             time.sleep(0.5)  # mid-burst
             own_cluster.migrate_slot(slot, target, batch=5, pause_s=0.01)
 
-        answers, _refused = await burst(on_cluster, redis, pool, migrate)
+        answers, _refused = await burst(on_cluster, redis, pool, migrate, shards)
         assert own_cluster.primary_for_slot(slot).port == target.port
         await assert_nothing_lost_or_doubled(on_cluster, redis, pool, answers)
     finally:
         await close_redis(redis)
 
 
+@pytest.mark.parametrize("shards", SHARDS)
 async def test_the_benefits_primary_killed_during_a_burst_loses_nothing_acknowledged(
-    settings: Settings, pool: asyncpg.Pool, tmp_path: Path
+    settings: Settings, pool: asyncpg.Pool, tmp_path: Path, shards: int
 ) -> None:
     with durable_cluster(tmp_path, 2) as own_cluster:
-        await _killed_during_a_burst(settings, pool, own_cluster)
+        await _killed_during_a_burst(settings, pool, own_cluster, shards)
 
 
 async def _killed_during_a_burst(
-    settings: Settings, pool: asyncpg.Pool, own_cluster: EmbeddedCluster
+    settings: Settings, pool: asyncpg.Pool, own_cluster: EmbeddedCluster, shards: int = 1
 ) -> None:
     on_cluster, redis = await connect(settings, own_cluster)
     try:
-        slot = redis.keyslot(BenefitKeys("video").config)  # type: ignore[attr-defined]
+        slot = fault_slot(redis, shards)
         primary: NodeInfo = own_cluster.primary_for_slot(slot)
 
         def kill() -> None:
@@ -150,7 +171,7 @@ async def _killed_during_a_burst(
             own_cluster.kill(primary)
             own_cluster.wait_healthy(30)
 
-        answers, refused = await burst(on_cluster, redis, pool, kill)
+        answers, refused = await burst(on_cluster, redis, pool, kill, shards)
         assert own_cluster.primary_for_slot(slot).port != primary.port
         assert refused > 0, "claims were refused (503) while the slot had no primary"
         await assert_nothing_lost_or_doubled(on_cluster, redis, pool, answers)

@@ -22,6 +22,7 @@ import asyncio
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import TypeVar
 
 from redis.asyncio import Redis
@@ -29,6 +30,7 @@ from redis.asyncio import Redis
 from claim_service.claims.decisions import ClaimDecision
 from claim_service.claims.durability import DurableAck, held_connection
 from claim_service.domain.catalogue import Benefit
+from claim_service.domain.shards import share
 from claim_service.errors import BackendUnavailable
 from claim_service.store.buckets import HOLD_MS, BucketState, BucketUnverified, credit, lend
 from claim_service.store.keyspace import BenefitKeys, Scripts, bucket_keys
@@ -66,6 +68,8 @@ class Borrower:
         # A cluster client's connection pools refuse (rather than queue) beyond their size.
         self._slots = asyncio.Semaphore(CONCURRENT)
         self._drained: dict[tuple[str, str], float] = {}  # (benefit, period) -> until
+        # (benefit, period) -> bucket -> units left, as last seen (see ``_whole``)
+        self._left: dict[tuple[str, str], dict[int, int]] = {}
         listen_here(self.forget)
 
     def forget(self, benefit_id: str) -> None:
@@ -87,7 +91,20 @@ class Borrower:
     ) -> tuple[list[ClaimDecision | None], bool]:
         """The batch's final decisions: its ``sold_out`` ones decided again after borrowing
         until they are taken or the whole benefit is sold out. ``None`` for a claim still
-        undecided after ``ROUNDS`` (the caller answers "retry")."""
+        undecided after ``ROUNDS`` (the caller answers "retry"). Each decision's
+        ``stock_left`` is the benefit's (see ``_whole``), not the bucket's."""
+        final, durable = await self._settle(benefit, receiver, batch, decisions, durable, decide)
+        return self._whole(benefit, receiver, final), durable
+
+    async def _settle(
+        self,
+        benefit: Benefit,
+        receiver: int,
+        batch: Sequence[Item],
+        decisions: list[ClaimDecision],
+        durable: bool,
+        decide: Decide[Item],
+    ) -> tuple[list[ClaimDecision | None], bool]:
         final: list[ClaimDecision | None] = list(decisions)
         for _round in range(ROUNDS):
             refused = [i for i, d in enumerate(final) if d is not None and d.code == "sold_out"]
@@ -105,6 +122,33 @@ class Borrower:
                 final[i] = None
         return final, durable
 
+    def _whole(
+        self, benefit: Benefit, bucket: int, decisions: list[ClaimDecision | None]
+    ) -> list[ClaimDecision | None]:
+        """The decisions with the benefit's units left: the bucket's count after each claim
+        plus every other bucket's as this process last saw it (a bucket it has not seen yet:
+        its share of the stock), an estimate as fresh as this worker's traffic."""
+        decided = [d for d in decisions if d is not None]
+        if not decided:
+            return decisions
+        period = decided[0].period
+        seen = self._left.setdefault((benefit.benefit_id, period), {})
+        seen[bucket] = min(d.stock_left for d in decided)
+        others = sum(
+            seen.get(j, share(benefit.stock_per_period, benefit.shards, j))
+            for j in range(benefit.shards)
+            if j != bucket
+        )
+        return [
+            None if d is None else replace(d, stock_left=max(d.stock_left + others, 0))
+            for d in decisions
+        ]
+
+    def _saw(self, benefit_id: str, period: str, states: dict[int, BucketState]) -> None:
+        seen = self._left.setdefault((benefit_id, period), {})
+        for number, state in states.items():
+            seen[number] = max(state.left, 0)
+
     async def borrow(self, benefit: Benefit, period: str, receiver: int, wanted: int) -> int:
         """Units bucket ``receiver`` holds after borrowing for ``wanted`` claims; 0 only when
         every bucket was found empty with nothing in flight."""
@@ -117,7 +161,7 @@ class Borrower:
             self.rounds += 1
             try:
                 async with self._slots:
-                    left = await self._round(buckets, period, receiver, wanted)
+                    left = await self._round(benefit, buckets, period, receiver, wanted)
             except BucketUnverified:
                 await self.recover(benefit.benefit_id)
                 continue
@@ -128,7 +172,12 @@ class Borrower:
         raise BackendUnavailable("stock is being moved between buckets; retry")
 
     async def _round(
-        self, buckets: tuple[BenefitKeys, ...], period: str, receiver: int, wanted: int
+        self,
+        benefit: Benefit,
+        buckets: tuple[BenefitKeys, ...],
+        period: str,
+        receiver: int,
+        wanted: int,
     ) -> int | None:
         """One round: the receiver's units after it, 0 when sold out, None to go again."""
         shards = len(buckets)
@@ -143,6 +192,7 @@ class Borrower:
         loans = {j: s.out[receiver] for j, s in seen.items() if s.out[receiver] > 0}
         seen[receiver] = here = await credit(self.scripts, buckets[receiver], period, shards, loans)
         self.loans += sum(1 for s in lent if s.lent > 0)
+        self._saw(benefit.benefit_id, period, seen)
         if here.left > 0:
             return here.left  # what the buckets that answered lent is enough
         if any(s.lent > 0 for s in lent):

@@ -269,14 +269,16 @@ def test_buckets_sit_on_distinct_slots_and_shares_add_up() -> None:
 async def test_views_and_reconcile_add_up_the_buckets(
     backend_client: Client, backend_settings: Settings, backend_redis: Redis, pool: asyncpg.Pool
 ) -> None:
-    """The member's catalogue shows the benefit's stock left and their own quota use (kept in
-    their bucket); reconcile compares each bucket with its members' claims: none drift after
-    a release with borrowing, a bucket's counter changed behind its back does."""
+    """A claim's answer and the member's catalogue show the benefit's stock left, the
+    catalogue their own quota use (kept in their bucket); reconcile compares each bucket with
+    its members' claims: none drift after a release with borrowing, a bucket's counter
+    changed behind its back does."""
     client, settings, redis = backend_client, backend_settings, backend_redis
     stock = 20
     members = {f"v{i}": 4 for i in range(60)}
     period = await open_sharded(client, settings, "seen", stock, members)
     users = list(members)
+    lefts = []
     for user in users[:12]:
         resp = await client.post(
             "/v1/benefits/seen/claims",
@@ -284,6 +286,9 @@ async def test_views_and_reconcile_add_up_the_buckets(
             json={"request_id": "r", "option_id": "iqiyi"},
         )
         assert resp.status == 202
+        lefts.append((await resp.json())["stock_left"])
+    # An answer's stock_left is the benefit's, not the bucket's (one worker saw every claim)
+    assert lefts == list(range(stock - 1, stock - 13, -1))
     resp = await client.post(
         "/admin/v1/benefits/seen/stock", json={"amount": 5}, headers=admin(settings)
     )

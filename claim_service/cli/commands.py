@@ -295,6 +295,7 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         retries=args.retries,
         codes=args.codes,
+        cluster=args.cluster,
     )
     return run_demo(settings, options)
 

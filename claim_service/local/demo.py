@@ -7,7 +7,8 @@ moment it opens, through the benefit's waiting room (``demo_room``): tickets bef
 opening, admission at the room's rate, claims with the admission token. Zones and a lounge
 pass priced in points (``demo_points``) ride along: V12+ members are credited, then spend
 their points during the same burst. The ops dashboard's address is printed at the start.
-Exits non-zero if any invariant fails.
+``--cluster`` runs it on a local Valkey Cluster with the video benefit sharded
+(``demo_cluster``). Exits non-zero if any invariant fails.
 """
 
 from __future__ import annotations
@@ -31,16 +32,15 @@ import uvloop
 
 from claim_service.config import Settings
 from claim_service.domain import periods
-from claim_service.http.auth import mint_token
-from claim_service.local import demo_fulfilment, demo_points
-from claim_service.local.demo_report import BurstStats, DemoOptions, report, say, verdict
+from claim_service.local import demo_cluster, demo_fulfilment, demo_points
+from claim_service.local.demo_burst import burst
+from claim_service.local.demo_report import DemoOptions, report, say, verdict
 from claim_service.local.demo_room import Room, room_config
 from claim_service.local.embedded import EmbeddedServers, free_port
-from claim_service.store.connections import create_pg_pool, create_redis
+from claim_service.store.connections import close_redis, create_pg_pool, create_redis
 from claim_service.store.migrations import migrate
 
 OPENS_IN_S = 8.0  # members take their tickets in the pre-queue meanwhile
-LATE_ARRIVALS = 0.2  # of the members, arriving in the seconds after the opening
 
 
 @contextlib.contextmanager
@@ -83,7 +83,8 @@ def _spawn(args: list[str], settings: Settings, logfile: Path) -> subprocess.Pop
 
 def run_demo(settings: Settings, options: DemoOptions) -> int:
     settings = replace(settings, port=free_port(), admin_port=free_port())
-    with _servers(settings) as live:
+    servers = demo_cluster.cluster_servers if options.cluster else _servers
+    with servers(settings) as live:
         return uvloop.run(_demo(live, options))
 
 
@@ -98,10 +99,12 @@ async def _demo(settings: Settings, options: DemoOptions) -> int:
     admin_base = f"http://127.0.0.1:{settings.admin_port}"
     sim_url = f"http://127.0.0.1:{free_port()}"
     # A throw-away stack on this machine: the public development secrets are fine here.
+    fulfil = ["fulfil", "--insecure-dev"]
     procs = [
         _spawn(["serve", "--insecure-dev"], settings, logfile),
         _spawn(["writer"], settings, logfile),
-        _spawn(["fulfil", "--insecure-dev"], settings, logfile),
+        # On a cluster, fulfil starts once the burst is over (see demo_cluster).
+        *([] if options.cluster else [_spawn(fulfil, settings, logfile)]),
         _spawn(demo_fulfilment.sim_args(int(sim_url.rsplit(":", 1)[1]), base), settings,
                logfile),
     ]  # fmt: skip
@@ -119,16 +122,25 @@ async def _demo(settings: Settings, options: DemoOptions) -> int:
             )
             stamp = f"{datetime.now():%H%M%S}"
             benefit_id, lounge_id = f"video-{stamp}", f"lounge-{stamp}"
+            if options.cluster:  # an id whose buckets land on every primary
+                benefit_id = demo_cluster.spread_id(redis, benefit_id)
             await demo_points.create_zones(http, admin_base, settings)
             opens = datetime.now(settings.tz) + timedelta(seconds=OPENS_IN_S)
             tiers = await _setup(http, admin_base, settings, benefit_id, opens, options)
+            if options.cluster:  # no waiting room, no points; fulfil once the burst is over
+                checks = await demo_cluster.release(
+                    demo_cluster.Stack(http, base, admin_base, sim_url, settings, pool, redis),
+                    benefit_id, opens, options,
+                    lambda: procs.append(_spawn(fulfil, settings, logfile)),
+                )  # fmt: skip
+                return verdict(checks, logfile)
             await demo_fulfilment.setup_fulfilment(http, admin_base, settings, benefit_id,
                                                    sim_url, options.codes)  # fmt: skip
             plan = await demo_points.setup_points(http, admin_base, redis, settings, lounge_id,
                                                   opens, tiers, options.seed)  # fmt: skip
             room = Room(http, base, benefit_id, opens)
             stats, lounge = await asyncio.gather(
-                _burst(http, base, settings, benefit_id, opens, options, room),
+                burst(http, base, settings, benefit_id, opens, options, room),
                 demo_points.lounge_rush(base, settings, plan, opens, options.seed),
             )
             checks = await report(pool, redis, settings, benefit_id, stats, options)
@@ -149,7 +161,7 @@ async def _demo(settings: Settings, options: DemoOptions) -> int:
                 proc.wait(15)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        await redis.aclose()
+        await close_redis(redis)
         await pool.close()
 
 
@@ -184,7 +196,7 @@ async def _setup(
 ) -> dict[str, int]:
     """Create the video benefit (in 惠生活) and load the period's tiers; returns them."""
     admin = {"Authorization": f"Bearer {settings.admin_token}"}
-    benefit = {
+    benefit: dict[str, Any] = {
         "name": "Video membership, monthly card",
         "zone": demo_points.VIDEO_ZONE,
         "min_tier": 4,
@@ -210,6 +222,10 @@ async def _setup(
             {"option_id": "youku", "name": "Youku VIP", "kind": "card_key"},
         ],
     }
+    spread = ""
+    if options.cluster:
+        benefit = demo_cluster.sharded(benefit)
+        spread = f" in {demo_cluster.SHARDS} buckets"
     async with http.put(
         f"{admin_base}/admin/v1/benefits/{benefit_id}", json=benefit, headers=admin
     ) as resp:
@@ -229,117 +245,8 @@ async def _setup(
     eligible = sum(1 for t in levels if t >= 4)
     demand = sum(2 if t >= 8 else 1 for t in levels if t >= 4)
     say(
-        f"benefit {benefit_id}: {options.stock:,} units, 3 options, opens at "
-        f"{opens:%H:%M:%S %Z}; {options.members:,} members loaded, {eligible:,} of them V4+ "
-        f"wanting {demand:,} units"
+        f"benefit {benefit_id}: {options.stock:,} units{spread}, {len(benefit['options'])} "
+        f"options, opens at {opens:%H:%M:%S %Z}; {options.members:,} members loaded, "
+        f"{eligible:,} of them V4+ wanting {demand:,} units"
     )
     return {str(t["user_id"]): int(t["tier"]) for t in tiers}
-
-
-async def _burst(
-    http: aiohttp.ClientSession,
-    base: str,
-    settings: Settings,
-    benefit_id: str,
-    opens: datetime,
-    options: DemoOptions,
-    room: Room,
-) -> BurstStats:
-    stats = BurstStats()
-    rng = random.Random(options.seed)
-    url = f"{base}/v1/benefits/{benefit_id}/claims"
-    order = list(range(options.members))
-    rng.shuffle(order)
-    option_ids = ("iqiyi", "tencent", "youku")
-    done = asyncio.Event()
-
-    async def post(headers: dict[str, str], body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        stats.sent += 1
-        async with http.post(url, json=body, headers=headers) as resp:
-            return resp.status, await resp.json()
-
-    finished = 0
-
-    async def member_session(member: int) -> None:
-        user = f"m{member:06d}"
-        headers = {"Authorization": "Bearer " + mint_token(settings, user, 600)}
-        token = await room.admission(user, headers, rng)
-        if token is None:
-            return
-        attempt = 0
-        while True:
-            attempt += 1
-            body = {
-                "request_id": f"{user}-{attempt}",
-                "option_id": rng.choice(option_ids),
-                "admission_token": token,
-            }
-            status, reply = await post(headers, body)
-            code = reply.get("error", "accepted")
-            if status == 425:  # early: wait for the opening like a real app would
-                stats.outcomes["not_open"] += 1
-                await asyncio.sleep(max(opens.timestamp() - time.time(), 0) + rng.random() * 0.2)
-                attempt -= 1
-                continue
-            stats.outcomes[code] += 1
-            if code == "sold_out" and stats.sold_out_at is None:
-                stats.sold_out_at = time.monotonic()
-            if "stock_left" in reply:
-                left = int(reply["stock_left"])
-                stats.stock_left = left if stats.stock_left is None else min(stats.stock_left, left)
-            if status != 202:
-                return
-            stats.accepted += 1
-            stats.claims_by_member[user] += 1
-            if rng.random() < options.retries:  # the app timed out and resends the same request
-                status, again = await post(headers, body)
-                stats.replayed += 1
-                if status not in (200, 202) or again.get("claim_id") != reply["claim_id"]:
-                    stats.replay_mismatch += 1
-
-    async def arrive(member: int, at: float) -> None:
-        """A member opens the app at ``at`` (most before the opening, some after)."""
-        nonlocal finished
-        await asyncio.sleep(max(at - time.time(), 0))
-        try:
-            await member_session(member)
-        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError):
-            stats.outcomes["client_error"] += 1
-        finally:
-            finished += 1
-
-    async def progress() -> None:
-        width = 30
-        tty = sys.stderr.isatty()
-        while not done.is_set():
-            frac = finished / max(options.members, 1)
-            bar = "#" * int(frac * width)
-            left = "?" if stats.stock_left is None else f"{stats.stock_left:,}"
-            print(
-                f"\r  [{bar:<{width}}] {finished:>6,}/{options.members:,} members  "
-                f"tickets {len(room.stats.tickets):>6,}  admitted {room.stats.admitted:>6,}  "
-                f"claims {stats.sent:>7,}  accepted {stats.accepted:>6,}  stock left {left:>6}",
-                end="" if tty else "\n",
-                file=sys.stderr,
-                flush=True,
-            )
-            await asyncio.sleep(0.2 if tty else 2.0)
-
-    ticker = asyncio.create_task(progress())
-    # Members open the app from now on: most in the pre-queue, some after the opening.
-    now, opening = time.time(), opens.timestamp()
-    arrivals = [
-        opening + rng.random() * 2.0
-        if rng.random() < LATE_ARRIVALS
-        else now + rng.random() * max(opening - now - 1.0, 0.5)
-        for _ in order
-    ]
-    stats.opened_at = time.monotonic() + max(opening - time.time(), 0)
-    started = time.monotonic()
-    await asyncio.gather(*(arrive(m, at) for m, at in zip(order, arrivals, strict=True)))
-    stats.finished_at = time.monotonic()
-    done.set()
-    await ticker
-    print(file=sys.stderr)
-    say(f"burst finished in {stats.finished_at - started:.1f}s")
-    return stats

@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 
 from claim_service.config import Settings
 from claim_service.domain import periods
-from claim_service.store.keyspace import BenefitKeys
+from claim_service.store.buckets import stock_counters
 
 PARTNER_ID = "videohub"
 PARTNER_SECRET = "demo-partner-secret-0123456789"
@@ -38,24 +38,25 @@ async def setup_fulfilment(
     settings: Settings,
     benefit_id: str,
     sim_url: str,
-    codes: int,
+    codes: int | None,
 ) -> None:
+    """The simulated partner, and ``codes`` Youku codes (None: no card-key option)."""
     admin = {"Authorization": f"Bearer {settings.admin_token}"}
     partner = {"base_url": sim_url, "secret": PARTNER_SECRET, "timeout_s": 1.0,
                "max_in_flight": 64, "max_attempts": 12}  # fmt: skip
     async with http.put(f"{admin_base}/admin/v1/partners/{PARTNER_ID}", json=partner,
                         headers=admin) as resp:  # fmt: skip
         resp.raise_for_status()
-    batch = 5000
-    for start in range(0, codes, batch):
+    batch, count = 5000, codes or 0
+    for start in range(0, count, batch):
         chunk = [{"code": f"YK-{benefit_id}-{i:07d}", "secret": f"{(i * 7919) % 1000000:06d}"}
-                 for i in range(start, min(start + batch, codes))]  # fmt: skip
+                 for i in range(start, min(start + batch, count))]  # fmt: skip
         async with http.post(f"{admin_base}/admin/v1/benefits/{benefit_id}/options/youku/codes",
                              json=chunk, headers=admin) as resp:  # fmt: skip
             resp.raise_for_status()
+    loaded = "" if codes is None else f"; {codes:,} Youku codes loaded, encrypted"
     print(f"partner {PARTNER_ID} (simulated: 10% errors, 3% timeouts, 30% answered later "
-          f"by callback, 20% duplicate callbacks); {codes:,} Youku codes loaded, encrypted",
-          flush=True)  # fmt: skip
+          f"by callback, 20% duplicate callbacks){loaded}", flush=True)  # fmt: skip
 
 
 async def wait_settled(pool: asyncpg.Pool, benefit_id: str) -> float:
@@ -85,6 +86,7 @@ async def fulfilment_report(
     settings: Settings,
     benefit_id: str,
     settle_s: float,
+    shards: int = 1,
 ) -> list[tuple[str, bool]]:
     """Print fulfilment results; return the fulfilment invariants."""
     by_kind = await pool.fetch(
@@ -130,7 +132,7 @@ async def fulfilment_report(
         "SELECT count(*) FROM claims WHERE benefit_id = $1 AND status <> 'refunded'", benefit_id
     )
     period = periods.current_period(settings.tz)
-    taken = int(await redis.hget(BenefitKeys(benefit_id).stock(period), "taken") or 0)
+    taken = (await stock_counters(redis, benefit_id, shards, period)).get("taken", 0)
     async with http.get(f"{sim_url}/stats") as resp:
         sim: dict[str, Any] = await resp.json()
 

@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 
 from claim_service.config import Settings
 from claim_service.domain import periods
-from claim_service.store.keyspace import BenefitKeys
+from claim_service.store.buckets import stock_counters
 
 DRAIN_TIMEOUT_S = 60.0
 
@@ -26,6 +26,7 @@ class DemoOptions:
     retries: float = 0.1
     codes: int = 2500
     seed: int = 10
+    cluster: bool = False  # on a local Valkey Cluster, the video benefit sharded (demo_cluster)
 
 
 @dataclass
@@ -40,6 +41,9 @@ class BurstStats:
     finished_at: float = 0.0
     stock_left: int | None = None
     claims_by_member: Counter[str] = field(default_factory=Counter)
+    answers: Counter[str] = field(default_factory=Counter)  # claims answered, by member
+    first_sold_out_ms: float | None = None  # when the first sold_out came back (our clock)
+    last_accepted_ms: float | None = None  # the latest created_at of an accepted claim
 
 
 def say(text: str) -> None:
@@ -63,10 +67,11 @@ async def report(
     benefit_id: str,
     stats: BurstStats,
     options: DemoOptions,
+    shards: int = 1,
 ) -> list[tuple[str, bool]]:
     period = periods.current_period(settings.tz)
     # Units held right now: what Redis counts as taken (refunds give units back).
-    taken = int(await redis.hget(BenefitKeys(benefit_id).stock(period), "taken") or 0)
+    taken = (await stock_counters(redis, benefit_id, shards, period)).get("taken", 0)
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
     rows = 0
     while time.monotonic() < deadline:

@@ -90,6 +90,8 @@ class Settings:
     writer_claim_idle_ms: int = 15_000
     data_dir: Path = Path(".claim-data")
     codes_key: str = field(default=DEV_CODES_KEY, repr=False)
+    # HMAC key of the bank's event intake (POST /v1/events); unset: the intake is off
+    events_secret: str | None = field(default=None, repr=False)
     codes_low_watermark: int = 100
     fulfil_batch: int = 100
     fulfil_concurrency: int = 64
@@ -150,6 +152,8 @@ class Settings:
             if not 0 <= getattr(self, name) <= 1_000_000:
                 raise ConfigError(f"CLAIM_{name.upper()} must be in [0, 1000000]")
         parse_key(self.codes_key)
+        if self.events_secret is not None and len(self.events_secret) < 16:
+            raise ConfigError("CLAIM_EVENTS_SECRET must be at least 16 characters")
         if self.log_format not in ("text", "json"):
             raise ConfigError("CLAIM_LOG_FORMAT must be 'text' or 'json'")
         if not 0 <= self.reconcile_every_s <= 86_400:

@@ -27,17 +27,21 @@
 --         (0, 0: a one-off release, one period for its whole window)
 -- ARGV[5] opens_at ms   ARGV[6] closes_at ms (0: none)
 -- ARGV[7] ttl of the per-period keys in seconds   ARGV[8] n = number of claims
--- then n groups of 6: user_id, request_id, options, new claim_id, account, draw value
+-- then n groups of 7: user_id, request_id, options, new claim_id, account, draw value, event
+-- ms
 -- then, on a Redis Cluster (where the tier snapshot lives in another slot), the n members'
 -- tiers as read by the caller from that snapshot (KEYS[6] is then not read)
 -- where options is one option id or, for a bundle, the chosen ids joined by "," (distinct),
--- and the draw value (a draw benefit only, "" otherwise) is the claim's HMAC value v < 2^48.
+-- and the draw value (a draw benefit only, "" otherwise) is the claim's HMAC value v < 2^48,
+-- and event ms (a benefit with cfg elig_ms only, "" otherwise) is when the member's latest
+-- event of the benefit's eligibility type occurred (unix ms, "" when none): older than
+-- elig_ms by the server's clock is refused not_eligible.
 --
 -- The server's own clock (TIME) decides: the period, the window and created_at.
 -- Returns {"unverified"}, {"points_unverified"}, {"missing"}, {"stale", version} or
 -- {"period", now_ms} for the whole batch, otherwise {"decided", now_ms} followed by 7 values
 -- per claim: code, claim_id, options, stock_left, tier, extra, detail, where code is one of
--- ok | dup | paused | not_open | closed | unknown_option | tier | quota | sold_out |
+-- ok | dup | paused | not_open | closed | unknown_option | tier | not_eligible | quota | sold_out |
 -- option_sold_out | points, and extra is created_ms for ok/dup, the member's used count for
 -- quota and the member's spendable points for points. options is what was taken (ok, dup:
 -- "option_id/prize_id" for a draw) or the option refused (unknown_option, option_sold_out);
@@ -68,7 +72,7 @@ if redis.call('GET', KEYS[10]) ~= run_id then
   return {'unverified'}
 end
 local cfg = redis.call('HMGET', KEYS[1], 'version', 'paused', 'min_tier', 'stock', 'quota',
-  'benefit_id', 'priced', 'prizes', 'pity', 'dprice')
+  'benefit_id', 'priced', 'prizes', 'pity', 'dprice', 'elig_ms')
 if not cfg[1] then
   return {'missing'}
 end
@@ -102,7 +106,8 @@ local opens_ms = tonumber(ARGV[5])
 local closes_ms = tonumber(ARGV[6])
 local ttl = tonumber(ARGV[7])
 local n = tonumber(ARGV[8])
-local tiers_passed = #ARGV >= 8 + n * 7
+local tiers_passed = #ARGV >= 8 + n * 8
+local elig_ms = tonumber(cfg[11] or '0')
 
 local counters = redis.call('HMGET', KEYS[2], 'added', 'taken', 'moved')
 -- a sharded benefit's bucket (see buckets.lua): what it received from others minus what it lent
@@ -272,13 +277,14 @@ local out = {'decided', now_ms}
 local accepted = 0
 
 for i = 0, n - 1 do
-  local base = 9 + i * 6
+  local base = 9 + i * 7
   local user = ARGV[base]
   local request_id = ARGV[base + 1]
   local option_id = ARGV[base + 2]
   local claim_id = ARGV[base + 3]
   local account = ARGV[base + 4]
   local value = ARGV[base + 5]
+  local event_ms = tonumber(ARGV[base + 6]) or -1
   local idem_field = #user .. ':' .. user .. request_id
   local left = stock + added - taken
   local prior = redis.call('HGET', KEYS[4], idem_field)
@@ -311,7 +317,7 @@ for i = 0, n - 1 do
       end
     end
     if tiers_passed then
-      tier = tonumber(ARGV[9 + n * 6 + i]) or 0
+      tier = tonumber(ARGV[9 + n * 7 + i]) or 0
     else
       tier = tonumber(redis.call('HGET', KEYS[6], user) or '0')
     end
@@ -320,6 +326,8 @@ for i = 0, n - 1 do
       used = tonumber(redis.call('HGET', KEYS[3], user) or '0')
       if tier < min_tier then
         code = 'tier'
+      elseif elig_ms > 0 and event_ms < now_ms - elig_ms then
+        code = 'not_eligible'
       elseif used >= quota_for(tier) then
         code, extra = 'quota', used
       elseif left <= 0 then

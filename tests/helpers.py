@@ -135,7 +135,7 @@ def benefit_body(
 TABLES = (
     "anomalies, claims, claim_events, voucher_codes, partners, tiers, stock_additions, "
     "benefit_options, benefits, zones, points_rules, points_allocations, points_lots, "
-    "points_entries, draws, draw_seeds, room_seeds"
+    "points_entries, draws, draw_seeds, room_seeds, bank_events"
 )
 
 

@@ -90,6 +90,9 @@ def decision_of(
     code, claim_id, taken = text(row[0]), text(row[1]), text(row[2])
     stock_left, tier, extra = int(row[3]), int(row[4]), int(row[5])
     option_id, options, draw = taken_of(code, taken, text(row[6]), value)
+    needs = None
+    if benefit.eligibility is not None:
+        needs = (benefit.eligibility.event, benefit.eligibility.within_days)
     created = periods.from_ms(extra, tz) if code in ACCEPTED else None
     opens_at = None
     if code == "not_open":
@@ -112,4 +115,5 @@ def decision_of(
         opens_at=opens_at,
         options=options,
         draw=draw,
+        needs=needs if code == "not_eligible" else None,
     )

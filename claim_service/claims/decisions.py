@@ -40,7 +40,8 @@ class ClaimDecision:
     """What ``claim.lua`` decided for one request.
 
     ``code`` is ``ok`` (accepted now), ``dup`` (the same request accepted earlier) or a
-    rejection: ``paused``, ``not_open``, ``closed``, ``unknown_option``, ``tier``, ``quota``,
+    rejection: ``paused``, ``not_open``, ``closed``, ``unknown_option``, ``tier``,
+    ``not_eligible`` (no recent event of the benefit's ``eligibility``), ``quota``,
     ``sold_out``, ``option_sold_out``, ``points`` (the member cannot spend ``price`` points:
     ``balance`` is what they can spend). ``option_id`` is the option taken (a bundle's first)
     or refused; ``options`` every option taken; ``draw`` the prize a draw gave.
@@ -58,6 +59,7 @@ class ClaimDecision:
     quota: int = 0
     opens_at: datetime | None = None
     balance: int = 0
+    needs: tuple[str, int] | None = None  # not_eligible: the event and the days it may be old
     price: int = 0
     local: bool = False  # answered by the gate when submitted, ahead of any batch in flight
     options: tuple[str, ...] = ()  # what an accepted claim took (a bundle: several)

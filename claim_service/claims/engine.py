@@ -26,6 +26,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from claim_service import metrics
 from claim_service.claims.benefit_cache import BenefitCache
 from claim_service.claims.choices import decision_of, requested_options
+from claim_service.claims.claim_args import claim_argv
 from claim_service.claims.decisions import ACCEPTED, ClaimDecision, ClaimRequest, Span
 from claim_service.claims.durability import DurableAck, held_connection
 from claim_service.claims.gate import Gate
@@ -40,13 +41,11 @@ from claim_service.store.catalogue_store import push_buckets
 from claim_service.store.connections import is_cluster
 from claim_service.store.draw_seeds import DrawSeeds
 from claim_service.store.keyspace import (
-    PERIOD_KEY_TTL_S,
     STALE_RETRIES,
     BenefitKeys,
     Scripts,
     bucket_keys,
     text,
-    tiers_key,
 )
 from claim_service.store.recovery import Recovery
 
@@ -185,7 +184,8 @@ class ClaimEngine:
             raise NotFoundError("unknown_benefit", f"no benefit {request.benefit_id!r}")
         option_id = requested_options(benefit, request)
         local = None
-        if benefit.shards == 1:  # the gate knows a benefit's stock, not a bucket's
+        # The gate knows a benefit's stock, not a bucket's, nor members' events.
+        if benefit.shards == 1 and benefit.eligibility is None:
             local = self.gate.answer(benefit, request.user_id, option_id, self._redis_ms())
         if local is not None:
             self.local_answers += 1
@@ -277,33 +277,13 @@ class ClaimEngine:
                 seed = await self.seeds.seed(benefit_id, span.period)
                 if not benefit.release.fixed_period:  # committed to long before it opens
                     await self.seeds.commitment(benefit_id, periods.next_period(span.period))
-            argv: list[Any] = [
-                benefit.version,
-                span.period,
-                span.start_ms,
-                span.end_ms,
-                span.opens_ms,
-                span.closes_ms,
-                PERIOD_KEY_TTL_S,
-                len(batch),
-            ]
             for item in batch:
                 req = item.request
                 item.value = draw_value(seed, req.user_id, req.request_id) if seed else None
-                argv += [
-                    req.user_id,
-                    req.request_id,
-                    item.option_id,
-                    item.claim_id,
-                    req.account,
-                    "" if item.value is None else item.value,
-                ]
+            items = [(i.request, i.option_id, i.claim_id, i.value) for i in batch]
             sent_at = time.time()
             try:
-                if self.cluster:  # the tier snapshot is in another slot: read, then passed
-                    users = [item.request.user_id for item in batch]
-                    tiers = await self.redis.hmget(tiers_key(span.tiers_period), users)
-                    argv += [0 if t is None else int(t) for t in tiers]
+                argv = await claim_argv(self.redis, benefit, span, items, cluster=self.cluster)
                 raw, replied_at, durable = await self._run_script(keys, span, argv)
             except (RedisError, RedisClusterException) as exc:
                 raise BackendUnavailable("Redis is unavailable") from exc
@@ -345,7 +325,7 @@ class ClaimEngine:
                 self._decision(benefit, span, item, raw[2 + i * width : 2 + (i + 1) * width])
                 for i, item in enumerate(batch)
             ]
-            if benefit.shards == 1:
+            if benefit.shards == 1 and benefit.eligibility is None:
                 users = [item.request.user_id for item in batch]
                 self.gate.learn(benefit, span, users, decisions)
             metrics.CLAIM_BATCH_SIZE.set(len(batch))

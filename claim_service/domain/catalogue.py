@@ -8,6 +8,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from claim_service.domain import periods
+from claim_service.domain.bank_events import Eligibility, parse_eligibility
 from claim_service.domain.draws import Draw, parse_draw
 from claim_service.domain.fields import (
     CONTROL_RE,
@@ -151,6 +152,7 @@ class Benefit:
     draw: Draw | None = None  # the prize is drawn (see ``draws``)
     waiting_room: WaitingRoom | None = None  # claims need an admission (see ``waiting_room``)
     shards: int = 1  # stock buckets on separate Redis slots (see ``shards``)
+    eligibility: Eligibility | None = None  # members need a recent event (``bank_events``)
 
     def option(self, option_id: str) -> Option | None:
         for option in self.options:
@@ -198,6 +200,7 @@ class Benefit:
             "draw": self.draw.to_json() if self.draw else None,
             "waiting_room": self.waiting_room.to_json() if self.waiting_room else None,
             "shards": self.shards,
+            "eligibility": self.eligibility.to_json() if self.eligibility else None,
         }
 
 
@@ -387,4 +390,5 @@ def parse_benefit(benefit_id: str, data: Any, tz: ZoneInfo, version: int = 0) ->
         draw=draw,
         waiting_room=room,
         shards=shards,
+        eligibility=parse_eligibility(data.get("eligibility")),
     )

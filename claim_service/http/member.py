@@ -54,6 +54,7 @@ REJECTIONS = {
     "closed": (410, "closed"),
     "unknown_option": (404, "unknown_option"),
     "tier": (403, "tier_too_low"),
+    "not_eligible": (403, "not_eligible"),
     "quota": (409, "quota_exceeded"),
     "sold_out": (410, "sold_out"),
     "option_sold_out": (410, "sold_out"),
@@ -250,6 +251,10 @@ def _decision_response(decision: ClaimDecision, tz: ZoneInfo) -> web.Response:
     elif decision.code == "tier":
         message = "your tier does not qualify for this benefit"
         extra["tier"] = decision.tier
+    elif decision.code == "not_eligible" and decision.needs is not None:
+        event, days = decision.needs
+        message = f"this benefit needs a {event} event in the last {days} day(s)"
+        extra["eligibility"] = {"event": event, "within_days": days}
     elif decision.code == "quota":
         message = "you have used your quota for this period"
         extra["quota"] = {"used": decision.used, "allowed": decision.quota}

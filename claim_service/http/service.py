@@ -14,7 +14,17 @@ from claim_service.claims.engine import ClaimEngine
 from claim_service.claims.live import LiveFeeds
 from claim_service.claims.rooms import WaitingRooms
 from claim_service.config import Settings
-from claim_service.http import admin, dashboard, draws, events, member, partner, points, queue
+from claim_service.http import (
+    admin,
+    bank_events,
+    dashboard,
+    draws,
+    events,
+    member,
+    partner,
+    points,
+    queue,
+)
 from claim_service.http.app import (
     ENGINE,
     HANDLER_ARGS,
@@ -86,6 +96,7 @@ def create_app(
     events.add_routes(app)
     queue.add_routes(app)
     partner.add_routes(app)
+    bank_events.add_routes(app)
     return app
 
 

@@ -53,6 +53,8 @@ def config_fields(benefit: Benefit) -> dict[str, str | int]:
             fields["pts:" + option.option_id] = price
     if benefit.shards > 1:
         fields["shards"] = benefit.shards
+    if benefit.eligibility is not None:  # claim.lua: the member's event must be this recent
+        fields["elig_ms"] = benefit.eligibility.within_ms
     if benefit.priced:
         fields["priced"] = 1
     if benefit.draw is not None:
@@ -130,9 +132,9 @@ async def save_benefit(pool: asyncpg.Pool, benefit: Benefit) -> Benefit:
         version = await conn.fetchval(
             """INSERT INTO benefits (benefit_id, name, min_tier, quota, stock_per_period,
                                      release, paused, on_failure, zone, price_points,
-                                     choose, draw, waiting_room, shards)
+                                     choose, draw, waiting_room, shards, eligibility)
                VALUES ($1, $2, $3, $4::jsonb, $5, $6::jsonb, $7, $8, $9, $10, $11, $12::jsonb,
-                       $13::jsonb, $14)
+                       $13::jsonb, $14, $15::jsonb)
                ON CONFLICT (benefit_id) DO UPDATE SET
                    name = EXCLUDED.name, min_tier = EXCLUDED.min_tier,
                    quota = EXCLUDED.quota, stock_per_period = EXCLUDED.stock_per_period,
@@ -140,6 +142,7 @@ async def save_benefit(pool: asyncpg.Pool, benefit: Benefit) -> Benefit:
                    on_failure = EXCLUDED.on_failure, zone = EXCLUDED.zone,
                    price_points = EXCLUDED.price_points, choose = EXCLUDED.choose,
                    draw = EXCLUDED.draw, waiting_room = EXCLUDED.waiting_room,
+                   eligibility = EXCLUDED.eligibility,
                    version = benefits.version + 1, updated_at = now()
                RETURNING version""",
             benefit.benefit_id,
@@ -156,6 +159,7 @@ async def save_benefit(pool: asyncpg.Pool, benefit: Benefit) -> Benefit:
             orjson.dumps(benefit.draw.to_json()).decode() if benefit.draw else None,
             orjson.dumps(benefit.waiting_room.to_json()).decode() if benefit.waiting_room else None,
             benefit.shards,
+            orjson.dumps(benefit.eligibility.to_json()).decode() if benefit.eligibility else None,
         )
         await conn.execute("DELETE FROM benefit_options WHERE benefit_id = $1", benefit.benefit_id)
         await conn.executemany(
@@ -211,6 +215,7 @@ async def load_benefits(
             "waiting_room": orjson.loads(row["waiting_room"]) if row["waiting_room"] else None,
             "options": orjson.loads(row["options"]),
             "shards": row["shards"],
+            "eligibility": orjson.loads(row["eligibility"]) if row["eligibility"] else None,
         }
         benefits.append(parse_benefit(row["benefit_id"], data, tz, version=row["version"]))
     return benefits

@@ -69,6 +69,16 @@ def tiers_live_key(period: str) -> str:
     return f"{PREFIX}:tiers:{period}:live"
 
 
+def events_key(event_type: str) -> str:
+    """Hash: member -> when (unix ms) their latest event of ``event_type`` occurred, mirrored
+    from PostgreSQL's ``bank_events`` (read by the engine for benefits that need one)."""
+    return f"{PREFIX}:events:{event_type}"
+
+
+def events_live_key(event_type: str) -> str:
+    return f"{PREFIX}:events:{event_type}:live"
+
+
 def idem_field(user_id: str, request_id: str) -> str:
     """The idempotency hash field of a member's request. The length prefix (in UTF-8 bytes,
     which is what Lua's ``#`` counts) keeps ``("ab", "c")`` apart from ``("a", "bc")``."""

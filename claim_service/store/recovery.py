@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -32,8 +32,10 @@ from redis.exceptions import LockError, RedisError
 
 from claim_service.config import Settings
 from claim_service.domain import periods
+from claim_service.domain.bank_events import EVENT_TYPES
 from claim_service.domain.catalogue import Benefit
 from claim_service.errors import BackendUnavailable, NotFoundError
+from claim_service.store.bank_events import push_events_from_db
 from claim_service.store.bucket_recovery import accepted_in_buckets, all_live, rebuild_buckets
 from claim_service.store.buckets import shards_of
 from claim_service.store.catalogue_store import load_benefit, load_benefits, push_benefit
@@ -46,6 +48,7 @@ from claim_service.store.keyspace import (
     BenefitKeys,
     Scripts,
     code_bucket,
+    events_live_key,
     tiers_live_key,
 )
 from claim_service.store.points_mirror import ensure_points
@@ -162,6 +165,8 @@ class Recovery:
         period = claim_period(benefit, self.calendar, now_ms)
         previous = None if benefit.release.fixed_period else periods.previous_period(period)
         await self.ensure_tiers(self.calendar.period_at(now_ms))
+        if benefit.eligibility is not None:
+            await self.ensure_events(benefit.eligibility.event)
         # The stream first, then PostgreSQL: an entry persisted in between is seen twice
         # (and counted once), never missed.
         in_stream = await stream_claims(self.redis, keys.stream)
@@ -233,21 +238,42 @@ class Recovery:
 
     async def ensure_tiers(self, period: str, *, force: bool = False) -> int:
         """Mirror ``period``'s tier snapshot from PostgreSQL unless this server has it."""
-        marker = tiers_live_key(period)
-        if not force and await is_live(self.redis, marker):
-            return 0
-        lock = self.redis.lock(marker + ":loading", timeout=RECOVERY_LOCK_S, blocking_timeout=60)
-        try:
-            async with lock:
-                if not force and await is_live(self.redis, marker):
-                    return 0
-                loaded = await push_tiers_from_db(self.pool, self.redis, period)
-                await self.scripts.live(keys=[marker], args=["mark"])
-        except LockError as exc:
-            raise BackendUnavailable(f"the tiers of {period} are being loaded") from exc
+        loaded = await self._mirror(
+            tiers_live_key(period), push_tiers_from_db(self.pool, self.redis, period), force
+        )
         if loaded:
             log.info("tiers of %s mirrored from PostgreSQL: %d member(s)", period, loaded)
         return loaded
+
+    async def ensure_events(self, event_type: str, *, force: bool = False) -> int:
+        """Mirror the members' latest ``event_type`` events unless this server has them."""
+        loaded = await self._mirror(
+            events_live_key(event_type),
+            push_events_from_db(self.pool, self.redis, event_type),
+            force,
+        )
+        if loaded:
+            log.info("%s events mirrored from PostgreSQL: %d member(s)", event_type, loaded)
+        return loaded
+
+    async def _mirror(self, marker: str, load: Coroutine[Any, Any, int], force: bool) -> int:
+        """Run ``load`` and mark ``marker`` unless this server has it (under a lock)."""
+        try:
+            if not force and await is_live(self.redis, marker):
+                return 0
+            lock = self.redis.lock(
+                marker + ":loading", timeout=RECOVERY_LOCK_S, blocking_timeout=60
+            )
+            async with lock:
+                if not force and await is_live(self.redis, marker):
+                    return 0
+                loaded = await load
+                await self.scripts.live(keys=[marker], args=["mark"])
+                return loaded
+        except LockError as exc:
+            raise BackendUnavailable(f"{marker} is being loaded") from exc
+        finally:
+            load.close()  # not awaited when the mirror was there: no warning
 
     async def ensure_all(
         self, *, force: bool = False, tier_periods: Iterable[str] = ()
@@ -320,6 +346,8 @@ class Recovery:
                         log.warning("Redis was new: recovered %d benefit(s)", report.benefits)
                 await self.ensure_tiers(self.calendar.period_at(await redis_now_ms(self.redis)))
                 await self.ensure_points()
+                for event_type in EVENT_TYPES:
+                    await self.ensure_events(event_type)
                 if loop.time() - checked_lag_at >= lag_check_every_s:
                     checked_lag_at = loop.time()
                     # One process per interval compares with PostgreSQL, however many run.

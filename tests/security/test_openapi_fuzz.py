@@ -82,7 +82,8 @@ class Service:
         return re.sub(r"\{(\w+)\}", lambda m: variables[m.group(1)], server["url"])
 
     def call_kwargs(self, case: Case) -> dict[str, Any]:
-        """Where to send ``case``, and for a partner callback a valid signature over the body
+        """Where to send ``case``, and for a partner callback or a bank event (both signed
+        with ``PARTNER_SECRET`` here) a valid signature over the body
         as sent, in place of the generated signature headers (kept out when the case leaves
         them out or garbles headers on purpose)."""
         kwargs: dict[str, Any] = {"base_url": self.base_url(case)}
@@ -132,6 +133,10 @@ api = schemathesis.openapi.from_dict(
             "operations": [
                 {
                     "include-operation-id": "putBenefit",
+                    "checks": {"positive_data_acceptance": {"expected-statuses": ACCEPTED_BENEFIT}},
+                },
+                {  # an event "occurred" in the future: well formed, still refused (422)
+                    "include-operation-id": "postBankEvent",
                     "checks": {"positive_data_acceptance": {"expected-statuses": ACCEPTED_BENEFIT}},
                 },
                 {
@@ -210,7 +215,14 @@ def service(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Ite
     # No member rate limit here: the fuzzer sends hundreds of claims as one member, and the
     # 429 the limit answers (documented; tests/integration/test_short_circuits.py) would be
     # read as a valid request refused.
-    proc, ports = spawn_serve(settings, log, "--writer", CLAIM_RATE_MEMBER_PER_S="0")
+    # The bank's event intake is signed like partner callbacks, here with the same secret.
+    proc, ports = spawn_serve(
+        settings,
+        log,
+        "--writer",
+        CLAIM_RATE_MEMBER_PER_S="0",
+        CLAIM_EVENTS_SECRET=PARTNER_SECRET,
+    )
     try:
         asyncio.run(_seed(settings, ports))
         yield Service(ports, log)

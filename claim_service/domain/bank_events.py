@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from claim_service.domain.fields import CONTROL_RE, check_id, parse_timestamp
+from claim_service.domain.fields import CONTROL_RE, as_integer, check_id, parse_timestamp
 from claim_service.errors import ValidationError
 
 EVENT_TYPES = (
@@ -31,6 +31,7 @@ MAX_ATTRS = 32
 MAX_ATTR_CHARS = 256
 ATTR_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}\Z")
 DAY_MS = 86_400_000
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,8 @@ class BankEvent:
 
     @property
     def occurred_ms(self) -> int:
-        return int(self.occurred_at.timestamp() * 1000)
+        """Unix ms, rounded down exactly (as the mirror's rebuild from PostgreSQL does)."""
+        return (self.occurred_at - EPOCH) // timedelta(milliseconds=1)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -97,8 +99,7 @@ def parse_event(data: Any) -> BankEvent:
         where = f"attrs.{name}" if isinstance(name, str) and ATTR_NAME_RE.match(name) else "attrs"
         if where == "attrs":
             raise ValidationError("attrs keys must be snake_case names", field="attrs")
-        if isinstance(value, float) and value.is_integer():  # 12.0 is an integer in JSON
-            value = attrs[name] = int(value)
+        value = attrs[name] = as_integer(value)  # 12.0 is an integer in JSON
         if isinstance(value, bool) or (isinstance(value, int) and abs(value) < 2**53):
             continue
         if not isinstance(value, str) or len(value) > MAX_ATTR_CHARS or CONTROL_RE.search(value):
@@ -122,7 +123,7 @@ def parse_eligibility(data: Any) -> Eligibility | None:
         return None
     if not isinstance(data, dict):
         raise ValidationError("eligibility must be an object", field="eligibility")
-    days = data.get("within_days")
+    days = as_integer(data.get("within_days"))
     if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= MAX_WITHIN_DAYS:
         raise ValidationError(
             f"eligibility.within_days must be an integer in 1..{MAX_WITHIN_DAYS}",

@@ -38,13 +38,13 @@ from claim_service.store import bank_events
 
 async def post_event(request: web.Request) -> web.Response:
     app = request.app
-    secret = app[SETTINGS].events_secret
-    if secret is None:
-        raise BackendUnavailable("event intake is off: CLAIM_EVENTS_SECRET is not set")
-    try:
+    try:  # unsigned requests are refused alike, whether the intake is on or off
         timestamp, signature = signature_headers(request.headers)
     except SignatureError as exc:
         raise AuthError(str(exc)) from exc
+    secret = app[SETTINGS].events_secret
+    if secret is None:
+        raise BackendUnavailable("event intake is off: CLAIM_EVENTS_SECRET is not set")
     limit = app[SETTINGS].max_body_bytes
     check_length(request, limit)
     body = await read_body(request, limit)

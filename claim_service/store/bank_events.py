@@ -79,7 +79,7 @@ async def push_events_from_db(pool: asyncpg.Pool, redis: Redis, event_type: str)
     async with pool.acquire() as conn, conn.transaction():
         chunk: list[tuple[str, str, int]] = []
         async for row in conn.cursor(
-            """SELECT user_id, (extract(epoch FROM max(occurred_at)) * 1000)::bigint AS ms
+            """SELECT user_id, floor(extract(epoch FROM max(occurred_at)) * 1000)::bigint AS ms
                FROM bank_events WHERE type = $1 GROUP BY user_id""",
             event_type,
             prefetch=CHUNK,

@@ -106,6 +106,10 @@ class Settings:
     log_level: str = "INFO"
     reconcile_every_s: float = 60.0  # writers compare Redis with the truth; 0: never
     points_expire_every_s: float = 60.0  # writers write off expired points lots; 0: never
+    # writers release campaign rewards whose cool-off is over (points credited); 0: never
+    rewards_release_every_s: float = 10.0
+    # the link a referral code is shared with ({campaign} and {code} filled in)
+    referral_link: str = "claimapp://referral?campaign={campaign}&code={code}"
 
     @property
     def tz(self) -> ZoneInfo:
@@ -162,6 +166,12 @@ class Settings:
             raise ConfigError(
                 "CLAIM_POINTS_EXPIRE_EVERY_S must be 0 (never) or seconds up to 86400"
             )
+        if not 0 <= self.rewards_release_every_s <= 86_400:
+            raise ConfigError(
+                "CLAIM_REWARDS_RELEASE_EVERY_S must be 0 (never) or seconds up to 86400"
+            )
+        if "{code}" not in self.referral_link or len(self.referral_link) > 512:
+            raise ConfigError("CLAIM_REFERRAL_LINK must contain {code} (and may use {campaign})")
         self._validate_redis()
 
     def _validate_redis(self) -> None:

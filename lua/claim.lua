@@ -35,7 +35,8 @@
 -- and the draw value (a draw benefit only, "" otherwise) is the claim's HMAC value v < 2^48,
 -- and event ms (a benefit with cfg elig_ms only, "" otherwise) is when the member's latest
 -- event of the benefit's eligibility type occurred (unix ms, "" when none): older than
--- elig_ms by the server's clock is refused not_eligible.
+-- elig_ms by the server's clock is refused not_eligible; with cfg elig_hold (a campaign's
+-- reward benefit) it is when the member's reward is released, and before it is refused too.
 --
 -- The server's own clock (TIME) decides: the period, the window and created_at.
 -- Returns {"unverified"}, {"points_unverified"}, {"missing"}, {"stale", version} or
@@ -72,7 +73,7 @@ if redis.call('GET', KEYS[10]) ~= run_id then
   return {'unverified'}
 end
 local cfg = redis.call('HMGET', KEYS[1], 'version', 'paused', 'min_tier', 'stock', 'quota',
-  'benefit_id', 'priced', 'prizes', 'pity', 'dprice', 'elig_ms')
+  'benefit_id', 'priced', 'prizes', 'pity', 'dprice', 'elig_ms', 'elig_hold')
 if not cfg[1] then
   return {'missing'}
 end
@@ -108,6 +109,7 @@ local ttl = tonumber(ARGV[7])
 local n = tonumber(ARGV[8])
 local tiers_passed = #ARGV >= 8 + n * 8
 local elig_ms = tonumber(cfg[11] or '0')
+local elig_hold = cfg[12] == '1'
 
 local counters = redis.call('HMGET', KEYS[2], 'added', 'taken', 'moved')
 -- a sharded benefit's bucket (see buckets.lua): what it received from others minus what it lent
@@ -326,7 +328,7 @@ for i = 0, n - 1 do
       used = tonumber(redis.call('HGET', KEYS[3], user) or '0')
       if tier < min_tier then
         code = 'tier'
-      elseif elig_ms > 0 and event_ms < now_ms - elig_ms then
+      elseif elig_ms > 0 and (event_ms < now_ms - elig_ms or (elig_hold and event_ms > now_ms)) then
         code = 'not_eligible'
       elseif used >= quota_for(tier) then
         code, extra = 'quota', used

@@ -135,7 +135,8 @@ def benefit_body(
 TABLES = (
     "anomalies, claims, claim_events, voucher_codes, partners, tiers, stock_additions, "
     "benefit_options, benefits, zones, points_rules, points_allocations, points_lots, "
-    "points_entries, draws, draw_seeds, room_seeds, bank_events"
+    "points_entries, draws, draw_seeds, room_seeds, bank_events, campaign_rewards, "
+    "referral_refusals, referral_attributions, referral_codes, campaigns"
 )
 
 

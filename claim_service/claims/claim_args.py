@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 from claim_service.claims.decisions import ClaimRequest, Span
 from claim_service.domain.catalogue import Benefit
 from claim_service.store.bank_events import occurred
+from claim_service.store.campaign_rewards import released
 from claim_service.store.keyspace import PERIOD_KEY_TTL_S, tiers_key
 
 # (request, the options it asks for, its new claim id, a draw's value)
@@ -24,7 +25,9 @@ async def claim_argv(
     type and, on a cluster (where the tier snapshot is in another slot), their tiers."""
     users = [request.user_id for request, *_ in items]
     events: list[int | None] = [None] * len(items)
-    if benefit.eligibility is not None:
+    if benefit.eligibility is not None and benefit.eligibility.held:
+        events = await released(redis, benefit.benefit_id, users)
+    elif benefit.eligibility is not None:
         events = await occurred(redis, benefit.eligibility.event, users)
     argv: list[Any] = [
         benefit.version,

@@ -32,6 +32,7 @@ from claim_service.config import Settings, instance_name
 from claim_service.errors import BackendUnavailable
 from claim_service.store.anomalies import REQUEST_CONFLICT, record_anomaly
 from claim_service.store.buckets import keys_of_member, stream_owners
+from claim_service.store.campaign_rewards import release_due
 from claim_service.store.connections import is_cluster
 from claim_service.store.keyspace import (
     CLAIMS_WRITTEN_CHANNEL,
@@ -96,6 +97,8 @@ class ClaimWriter:
             checks.append(asyncio.create_task(drift.watch(stop, self.settings.reconcile_every_s)))
         if self.settings.points_expire_every_s > 0:
             checks.append(asyncio.create_task(self._expire_points(stop)))
+        if self.settings.rewards_release_every_s > 0:
+            checks.append(asyncio.create_task(self._release_rewards(stop)))
         try:
             await self._run(stop)
         finally:
@@ -113,6 +116,25 @@ class ClaimWriter:
                 log.warning("points expiry failed (%s: %s)", type(exc).__name__, exc)
             try:
                 await asyncio.wait_for(stop.wait(), self.settings.points_expire_every_s)
+            except TimeoutError:
+                pass
+
+    async def _release_rewards(self, stop: asyncio.Event) -> None:
+        """Release campaign rewards whose cool-off is over every ``rewards_release_every_s``
+        (points credited through the ledger, once per reward)."""
+        while not stop.is_set():
+            try:
+                await release_due(self.pool, self.redis)
+            except (
+                RedisError,
+                OSError,
+                asyncpg.PostgresError,
+                asyncpg.InterfaceError,
+                BackendUnavailable,
+            ) as exc:
+                log.warning("campaign reward release failed (%s: %s)", type(exc).__name__, exc)
+            try:
+                await asyncio.wait_for(stop.wait(), self.settings.rewards_release_every_s)
             except TimeoutError:
                 pass
 

@@ -26,6 +26,9 @@ EVENT_TYPES = (
     "wealth_task_done",
     "account_closed",
 )
+# Not a bank event: a benefit whose eligibility names it is claimable by the members a
+# campaign rewarded with it (``campaigns``), once the reward's cool-off is over.
+REWARD_EVENT = "campaign_reward"
 MAX_WITHIN_DAYS = 3660
 MAX_ATTRS = 32
 MAX_ATTR_CHARS = 256
@@ -59,10 +62,17 @@ class BankEvent:
 
 @dataclass(frozen=True)
 class Eligibility:
-    """Only members with an event of ``event`` in the last ``within_days`` days may claim."""
+    """Only members with an event of ``event`` in the last ``within_days`` days may claim;
+    for ``campaign_reward``, members a campaign rewarded with the benefit, from the end of
+    the reward's cool-off for ``within_days`` days."""
 
     event: str
     within_days: int
+
+    @property
+    def held(self) -> bool:
+        """The member's time is when a hold ends: not claimable before it."""
+        return self.event == REWARD_EVENT
 
     @property
     def within_ms(self) -> int:
@@ -129,4 +139,7 @@ def parse_eligibility(data: Any) -> Eligibility | None:
             f"eligibility.within_days must be an integer in 1..{MAX_WITHIN_DAYS}",
             field="eligibility.within_days",
         )
-    return Eligibility(_event_type(data.get("event"), "eligibility.event"), days)
+    event = data.get("event")
+    if event == REWARD_EVENT:
+        return Eligibility(REWARD_EVENT, days)
+    return Eligibility(_event_type(event, "eligibility.event"), days)

@@ -5,7 +5,8 @@ Signed like partner callbacks: ``X-Claim-Signature`` is the hex HMAC-SHA256 of
 within 5 minutes of now. Idempotent by ``event_id``: 201 when new, 200 for a replay of the
 same event, 409 ``event_id_reused`` for the same id with other content, 422 for an event
 more than 5 minutes in the future. Off (503) while
-``CLAIM_EVENTS_SECRET`` is not set.
+``CLAIM_EVENTS_SECRET`` is not set. The answer lists what the event did to campaigns
+(``store.referrals``): attributed, refused (with the reason), qualified, revoked.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from claim_service.http.app import (
     read_body,
 )
 from claim_service.http.auth import AuthError
-from claim_service.store import bank_events
+from claim_service.store import bank_events, referrals
 
 
 async def post_event(request: web.Request) -> web.Response:
@@ -61,7 +62,15 @@ async def post_event(request: web.Request) -> web.Response:
     created = await bank_events.record(app[PG], event)
     # Mirrored on a replay too: a mirror written late (or lost with its server) catches up.
     await bank_events.mirror(app[REDIS], [(event.type, event.user_id, event.occurred_ms)])
-    return json_response({**event.to_json(), "replayed": not created}, 201 if created else 200)
+    # Campaigns: attribution by attrs.referral_code, qualification, revocation. Applied on a
+    # replay too: it finds what the first delivery did (and completes it if that failed).
+    outcomes = await referrals.on_event(app[PG], app[REDIS], event)
+    answer = {
+        **event.to_json(),
+        "replayed": not created,
+        "campaigns": [o.to_json() for o in outcomes],
+    }
+    return json_response(answer, 201 if created else 200)
 
 
 def add_routes(app: web.Application) -> None:

@@ -17,6 +17,7 @@ from claim_service.config import Settings
 from claim_service.http import (
     admin,
     bank_events,
+    campaigns,
     dashboard,
     draws,
     events,
@@ -97,6 +98,7 @@ def create_app(
     queue.add_routes(app)
     partner.add_routes(app)
     bank_events.add_routes(app)
+    campaigns.add_routes(app)
     return app
 
 
@@ -127,6 +129,7 @@ def create_admin_app(settings: Settings, member_app: web.Application) -> web.App
     admin.add_routes(app)
     partner.add_admin_routes(app)
     points.add_admin_routes(app)
+    campaigns.add_admin_routes(app)
     member.add_ops_routes(app)
     dashboard.add_routes(app)
     return app

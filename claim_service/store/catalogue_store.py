@@ -55,6 +55,8 @@ def config_fields(benefit: Benefit) -> dict[str, str | int]:
         fields["shards"] = benefit.shards
     if benefit.eligibility is not None:  # claim.lua: the member's event must be this recent
         fields["elig_ms"] = benefit.eligibility.within_ms
+        if benefit.eligibility.held:  # a campaign's reward: not before its cool-off ends
+            fields["elig_hold"] = 1
     if benefit.priced:
         fields["priced"] = 1
     if benefit.draw is not None:

@@ -79,6 +79,16 @@ def events_live_key(event_type: str) -> str:
     return f"{PREFIX}:events:{event_type}:live"
 
 
+def rewards_key(benefit_id: str) -> str:
+    """Hash: member -> when (unix ms) a campaign's reward of ``benefit_id`` is released to
+    them (its cool-off over), mirrored from PostgreSQL's ``campaign_rewards``."""
+    return f"{PREFIX}:rewards:{benefit_id}"
+
+
+def rewards_live_key(benefit_id: str) -> str:
+    return f"{PREFIX}:rewards:{benefit_id}:live"
+
+
 def idem_field(user_id: str, request_id: str) -> str:
     """The idempotency hash field of a member's request. The length prefix (in UTF-8 bytes,
     which is what Lua's ``#`` counts) keeps ``("ab", "c")`` apart from ``("a", "bc")``."""

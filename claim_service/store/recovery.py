@@ -38,6 +38,7 @@ from claim_service.errors import BackendUnavailable, NotFoundError
 from claim_service.store.bank_events import push_events_from_db
 from claim_service.store.bucket_recovery import accepted_in_buckets, all_live, rebuild_buckets
 from claim_service.store.buckets import shards_of
+from claim_service.store.campaign_rewards import push_rewards_from_db
 from claim_service.store.catalogue_store import load_benefit, load_benefits, push_benefit
 from claim_service.store.keyspace import (
     CATALOGUE_LIVE_KEY,
@@ -49,6 +50,7 @@ from claim_service.store.keyspace import (
     Scripts,
     code_bucket,
     events_live_key,
+    rewards_live_key,
     tiers_live_key,
 )
 from claim_service.store.points_mirror import ensure_points
@@ -165,7 +167,9 @@ class Recovery:
         period = claim_period(benefit, self.calendar, now_ms)
         previous = None if benefit.release.fixed_period else periods.previous_period(period)
         await self.ensure_tiers(self.calendar.period_at(now_ms))
-        if benefit.eligibility is not None:
+        if benefit.eligibility is not None and benefit.eligibility.held:
+            await self.ensure_rewards(benefit_id)
+        elif benefit.eligibility is not None:
             await self.ensure_events(benefit.eligibility.event)
         # The stream first, then PostgreSQL: an entry persisted in between is seen twice
         # (and counted once), never missed.
@@ -254,6 +258,17 @@ class Recovery:
         )
         if loaded:
             log.info("%s events mirrored from PostgreSQL: %d member(s)", event_type, loaded)
+        return loaded
+
+    async def ensure_rewards(self, benefit_id: str, *, force: bool = False) -> int:
+        """Mirror the campaign rewards of ``benefit_id`` unless this server has them."""
+        loaded = await self._mirror(
+            rewards_live_key(benefit_id),
+            push_rewards_from_db(self.pool, self.redis, benefit_id),
+            force,
+        )
+        if loaded:
+            log.info("rewards of %s mirrored from PostgreSQL: %d member(s)", benefit_id, loaded)
         return loaded
 
     async def _mirror(self, marker: str, load: Coroutine[Any, Any, int], force: bool) -> int:

@@ -177,17 +177,25 @@ async def push_rewards_from_db(pool: asyncpg.Pool, redis: Redis, benefit_id: str
     return len(live)
 
 
-async def release_due(pool: asyncpg.Pool, redis: Redis, *, user_id: str | None = None) -> int:
-    """Release the held rewards whose cool-off is over (a member's only, with ``user_id``):
+async def release_due(
+    pool: asyncpg.Pool,
+    redis: Redis,
+    *,
+    user_id: str | None = None,
+    campaign_id: str | None = None,
+) -> int:
+    """Release the held rewards whose cool-off is over (a member's or a campaign's only):
     points are credited through the ledger first (once per reward), then the reward is
     marked released. Safe to run from any number of processes at once."""
     rows = await pool.fetch(
         """SELECT reward_id, campaign_id, user_id, benefit_id, points, hold_until
            FROM campaign_rewards
            WHERE state = 'held' AND hold_until <= now() AND ($1::text IS NULL OR user_id = $1)
+             AND ($3::text IS NULL OR campaign_id = $3)
            ORDER BY hold_until LIMIT $2""",
         user_id,
         RELEASE_BATCH,
+        campaign_id,
     )
     pairs = []
     for row in rows:

@@ -61,9 +61,18 @@ class Changes:
 
     def __init__(self) -> None:
         self.pairs: set[tuple[str, str]] = set()
+        self.campaigns: set[str] = set()  # rewards granted there may be due at once
 
-    def add(self, pairs: Any) -> None:
+    async def apply(self, pool: asyncpg.Pool, redis: Redis) -> None:
+        """After the commit: the mirrors, then the rewards already out of their cool-off."""
+        await campaign_rewards.sync(pool, redis, self.pairs)
+        for campaign_id in sorted(self.campaigns):
+            await campaign_rewards.release_due(pool, redis, campaign_id=campaign_id)
+
+    def add(self, pairs: Any, settled: Campaign | None = None) -> None:
         self.pairs.update(pairs)
+        if settled is not None:
+            self.campaigns.add(settled.campaign_id)
 
 
 async def on_event(pool: asyncpg.Pool, redis: Redis, event: BankEvent) -> list[Outcome]:
@@ -86,7 +95,7 @@ async def on_event(pool: asyncpg.Pool, redis: Redis, event: BankEvent) -> list[O
         outcomes += await _closed(pool, event, changes)
     else:
         outcomes += await _qualified(pool, event, changes)
-    await campaign_rewards.sync(pool, redis, changes.pairs)
+    await changes.apply(pool, redis)
     return outcomes
 
 
@@ -112,7 +121,7 @@ async def register_late(
     opening = Opening(row["event_id"], invitee, row["occurred_at"], _json(attrs))
     changes = Changes()
     outcome = await _attribute(pool, code, opening, "late", changes)
-    await campaign_rewards.sync(pool, redis, changes.pairs)
+    await changes.apply(pool, redis)
     if outcome.outcome == "refused":
         raise ConflictError(str(outcome.reason), _MESSAGES.get(str(outcome.reason), "refused"))
     return outcome
@@ -203,9 +212,9 @@ async def _attribute(
             await referral_settle.qualify(
                 conn, campaign, code, invitee, event["event_id"], event["occurred_at"]
             )
-            changes.add(await referral_settle.settle(conn, campaign, code))
+            changes.add(await referral_settle.settle(conn, campaign, code), campaign)
         elif campaign.type == "team":
-            changes.add(await referral_settle.settle(conn, campaign, code))
+            changes.add(await referral_settle.settle(conn, campaign, code), campaign)
     return Outcome(cid, "attributed", referrer_id=code.user_id)
 
 
@@ -302,7 +311,7 @@ async def _qualified(pool: asyncpg.Pool, event: BankEvent, changes: Changes) -> 
             assert code is not None
             at = event.occurred_at
             if row["opener"]:
-                changes.add(await referral_settle.settle(conn, campaign, code))
+                changes.add(await referral_settle.settle(conn, campaign, code), campaign)
                 continue
             opened = await conn.fetchval(
                 """SELECT opened_at FROM referral_attributions
@@ -316,7 +325,7 @@ async def _qualified(pool: asyncpg.Pool, event: BankEvent, changes: Changes) -> 
                 conn, campaign, code, event.user_id, event.event_id, at
             ):
                 outcomes.append(Outcome(campaign.campaign_id, "qualified", None, code.user_id))
-                changes.add(await referral_settle.settle(conn, campaign, code))
+                changes.add(await referral_settle.settle(conn, campaign, code), campaign)
     return outcomes
 
 

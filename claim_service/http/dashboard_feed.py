@@ -3,16 +3,17 @@ watches, and every viewer of that worker is sent the same snapshot, encoded once
 
 Why one aggregator: a dashboard left open by ten people must not read Redis ten times a
 second each. The sampler runs only while a viewer is connected. Each tick (``TICK_S``) it
-reads the catalogue's ids, then Redis in one pipelined round trip; every ``PG_EVERY_S`` two
-small PostgreSQL queries; Prometheus counters from memory (or from this serve's workers'
-files). It builds one snapshot, encodes it once and wakes the viewers. A viewer holds no
-queue of its own: one that is slow to write skips straight to the latest snapshot.
+reads the catalogue's ids, then Redis in one pipelined round trip; every ``PG_EVERY_S`` a
+few small PostgreSQL queries (and four for each campaign shown); Prometheus counters from
+memory (or from this serve's workers' files). It builds one snapshot, encodes it once and
+wakes the viewers. A viewer holds no queue of its own: one that is slow to write skips
+straight to the latest snapshot.
 
 Where each number comes from, and so how far it reaches:
 
 - every process (global): stock, option caps and free codes (Redis), claims accepted and
   claims/s (the per-period ``accepted`` counters ``claim.lua`` keeps), writer backlog and lag
-  (the streams), fulfilment states, partner orders and card-key pools (PostgreSQL);
+  (the streams), fulfilment states, partner orders, card-key pools, campaigns (PostgreSQL);
 - this serve (all its workers under ``--workers N``, else this process), since it started:
   decisions by outcome, 503/429 shed counts, and breaker state and drift as far as they are
   reported to this serve's metrics (drift by a ``serve --writer``);
@@ -48,6 +49,7 @@ from claim_service.fulfilment.vouchers import pool_levels
 from claim_service.http.dashboard_rows import (
     STATES,
     benefit_row,
+    campaign_rows,
     counters,
     fulfilment_rows,
     partner_counts,
@@ -127,6 +129,7 @@ class Dashboard:
         self._rooms: dict[str, Any] = {}
         self._redis_ok = True  # until a read fails (each outage is logged once)
         self._pg: dict[str, Any] = {"fulfilment": {}, "partners": {}, "code_pools": []}
+        self._pg["campaigns"] = []
         self._pg_at_ms: int | None = None
         self._pg_read_at = -float("inf")
         self._pg_ok = True
@@ -307,7 +310,8 @@ class Dashboard:
         fulfilment, partners = fulfilment_rows([dict(r) for r in rows], self._live)
         fields = ("benefit_id", "option_id", "loaded", "assigned", "free", "expired")
         pools = [{k: level[k] for k in fields} for level in await pool_levels(self.pool)]
-        return {"fulfilment": fulfilment, "partners": partners, "code_pools": pools}
+        found = {"fulfilment": fulfilment, "partners": partners, "code_pools": pools}
+        return {**found, "campaigns": await campaign_rows(self.pool, self._pg["campaigns"])}
 
     # -- the snapshot ----------------------------------------------------------------------
 
@@ -370,6 +374,7 @@ class Dashboard:
                 for p in pg["code_pools"]
             ],
             "points_drift": drift.get("*points*"),
+            "campaigns": pg["campaigns"],
         }
 
 

@@ -1,17 +1,28 @@
 """The ops dashboard's rows, built from what ``dashboard_feed`` read: pure functions, so
-that what each number means is stated once, apart from how and when it is read."""
+that what each number means is stated once, apart from how and when it is read (but for
+``campaign_rows``, which reads the campaigns' funnels the feed asks for)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 from prometheus_client import CollectorRegistry
 
+from claim_service.domain.campaigns import Campaign
 from claim_service.domain.catalogue import Benefit
 from claim_service.domain.lifecycle import ACCEPTED, FAILED, FULFILLED, FULFILLING, REFUNDED
+from claim_service.errors import ValidationError
+from claim_service.store import campaign_views, campaigns
+
+log = logging.getLogger(__name__)
 
 STATES = (ACCEPTED, FULFILLING, FULFILLED, FAILED, REFUNDED)
+CAMPAIGNS_SHOWN = 20  # each shown costs a few queries every PostgreSQL turn
+CAMPAIGNS_RECENT = timedelta(days=7)
 
 
 def benefit_row(
@@ -139,3 +150,41 @@ def fulfilment_rows(
             counts[key] = counts.get(key, 0) + row["n"]
             counts["outcome_unknown"] += row["unknown"]
     return fulfilment, partners
+
+
+def shown_campaigns(
+    found: Iterable[Campaign], now: datetime, limit: int = CAMPAIGNS_SHOWN
+) -> list[Campaign]:
+    """The campaigns the dashboard shows, ``limit`` at most: first those open, to come or
+    ended within ``CAMPAIGNS_RECENT``, then older ones; each group by id."""
+    recent = now - CAMPAIGNS_RECENT
+    return sorted(found, key=lambda c: (c.ends_at <= recent, c.campaign_id))[:limit]
+
+
+def campaign_row(campaign: Campaign, funnel: Mapping[str, Any], now: datetime) -> dict[str, Any]:
+    """A campaign's row: what it is, whether it is open at ``now``, and its funnel (a
+    ``store.campaign_views.funnel``): its stages, their conversions, rewards and budget."""
+    return {
+        "campaign_id": campaign.campaign_id,
+        "name": campaign.name,
+        "type": campaign.type,
+        "open": campaign.is_open(now),
+        "ends_at": campaign.ends_at.isoformat(),
+        "funnel": funnel["funnel"],
+        "conversion": funnel["conversion"],
+        "rewards": funnel["rewards"],
+        "budget": funnel["budget"],
+    }
+
+
+async def campaign_rows(pool: asyncpg.Pool, last: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of the campaigns shown (``shown_campaigns``), a funnel's few queries each;
+    PostgreSQL's errors are the caller's. While a stored campaign does not parse (its rules
+    changed since it was saved), the ``last`` rows, logged."""
+    now = datetime.now(UTC)
+    try:
+        shown = shown_campaigns(await campaigns.load_all(pool), now)
+    except ValidationError as exc:
+        log.warning("dashboard: campaigns not read (%r); showing the last ones", exc)
+        return last
+    return [campaign_row(c, await campaign_views.funnel(pool, c), now) for c in shown]

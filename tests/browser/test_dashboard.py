@@ -15,6 +15,7 @@ from claim_service.claims.writer import ClaimWriter
 from claim_service.config import Settings
 from tests.helpers import Client, admin, auth, benefit_body, drain, fast, settle, wait_for
 from tests.integration import test_dashboard as td
+from tests.integration.campaign_kit import code_for, put_campaign
 
 BENEFIT = "video"
 STOCK, CODES, MEMBERS = td.STOCK, td.CODES, td.MEMBERS
@@ -71,6 +72,7 @@ async def test_the_dashboard_shows_a_release(
     await shows(page, f"waiting-room-{BENEFIT}", "—")
     await shows(page, "partner-breaker-iqiyi", "—")
     await shows(page, f"pool-free-{BENEFIT}-youku", "30")
+    await expect(page.get_by_test_id("campaigns-panel")).to_be_hidden()  # none yet
     # Outcome counts are this process's since it started: the release adds to them.
     before = {c: await number(page, f"outcome-{c}") for c in ("ok", "quota", "sold_out")}
 
@@ -122,6 +124,17 @@ async def test_the_dashboard_shows_a_release(
         resp = await client.post("/v1/benefits/lounge/queue", headers=auth(settings, f"u{i}"))
         assert resp.status == 201, await resp.text()
     await shows(page, "waiting-room-lounge", "3")
+
+    # A referral campaign: the panel appears, with its funnel.
+    await put_campaign(client, settings, "invite", budget=10)
+    await code_for(client, settings, "invite", "u1")
+    await expect(page.get_by_test_id("campaigns-panel")).to_be_visible(timeout=WAIT_MS)
+    await shows(page, "campaign-codes-invite", "1")
+    await shows(page, "campaign-attributed-invite", "0")
+    await shows(page, "campaign-attributed-invite-conv", "(0.0%)")
+    await shows(page, "campaign-qualified-invite-conv", "(—)")
+    await shows(page, "campaign-state-invite", "open")
+    await shows(page, "campaign-rewards-invite", "0 / 10")
 
     shot = artifacts / "dashboard.png"
     await page.screenshot(path=str(shot), full_page=True)

@@ -28,6 +28,7 @@ from claim_service.store.keyspace import BenefitKeys, Scripts
 from claim_service.store.partner_health import report_breaker
 from claim_service.store.reconcile import Reconciler
 from tests.helpers import Client, admin, auth, benefit_body, direct, drain, fast, settle, wait_for
+from tests.integration.campaign_kit import ago, code_for, put_campaign
 
 BENEFIT = "dash"
 STOCK = 20
@@ -244,6 +245,57 @@ async def test_the_feed_follows_a_release(
         await Scripts(redis).live(keys=[BenefitKeys(BENEFIT).live], args=["clear"])
         stale = benefit(await feed.until(lambda s: not benefit(s)["live"]))
         assert stale["options"][0]["codes_free"] is None
+
+
+def campaign(snapshot: dict[str, Any], campaign_id: str) -> dict[str, Any] | None:
+    return next((c for c in snapshot["campaigns"] if c["campaign_id"] == campaign_id), None)
+
+
+async def test_the_feed_shows_campaign_funnels(
+    client: Client, settings: Settings, quick_board: None
+) -> None:
+    async with watching(client, settings) as feed:
+        assert (await feed.until(lambda s: True))["campaigns"] == []  # none: the page hides them
+        # One open now, one that ended long ago (shown after those open or lately ended).
+        await put_campaign(client, settings, "invite", budget=10)
+        await put_campaign(
+            client, settings, "a-old", name="", starts_at=ago(days=40), ends_at=ago(days=10)
+        )
+        await code_for(client, settings, "invite", "u1")
+        await code_for(client, settings, "invite", "u1")  # the same code again: still one
+
+        def issued(s: dict[str, Any]) -> bool:
+            row = campaign(s, "invite")
+            return row is not None and row["funnel"]["codes_issued"] == 1
+
+        snapshot = await feed.until(issued)
+        assert [c["campaign_id"] for c in snapshot["campaigns"]] == ["invite", "a-old"]
+        row = campaign(snapshot, "invite")
+        assert row is not None
+        assert row.pop("ends_at")
+        assert row == {
+            "campaign_id": "invite",
+            "name": "Invite two friends",
+            "type": "referral",
+            "open": True,
+            "funnel": {
+                "codes_issued": 1,
+                "attributed": 0,
+                "qualified": 0,
+                "rewarded": 0,
+                "revoked": 0,
+            },
+            "conversion": {
+                "attributed_per_code": 0.0,
+                "qualified_per_attributed": None,
+                "rewarded_per_qualified": None,
+                "revoked_per_rewarded": None,
+            },
+            "rewards": {"held": 0, "released": 0, "revoked": 0, "over_budget": 0},
+            "budget": {"rewards": 10, "rewards_granted": 0, "points": None, "points_granted": 0},
+        }
+        old = campaign(snapshot, "a-old")
+        assert old is not None and not old["open"] and old["funnel"]["codes_issued"] == 0
 
 
 async def test_one_sampler_per_worker_whatever_the_viewers(

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 
+from redis.asyncio import Redis
+
 from claim_service.config import Settings
+from claim_service.store.keyspace import BenefitKeys, rewards_key, rewards_live_key
 from tests.helpers import admin, auth
 from tests.integration.campaign_kit import (
     Client,
@@ -246,3 +249,23 @@ async def test_late_attribution_inside_and_outside_the_window(
     strict = await code_for(bank, settings, "strict", "ann")
     refused = await late(bank, settings, "strict", "recent", strict)
     assert refused.status == 409 and (await refused.json())["error"] == "late_window_closed"
+
+
+async def test_a_released_reward_survives_redis_losing_its_mirror(
+    bank: Client, settings: Settings, redis: Redis
+) -> None:
+    await reward_benefit(bank, settings, "mgm-gift", stock=5)
+    await put_campaign(
+        bank, settings, "mgm", invitees_required=1, reward={"benefit_id": "mgm-gift"}
+    )
+    code = await code_for(bank, settings, "mgm", "ann")
+    await send(bank, "open-f", "account_opened", "friend", referral_code=code)
+    await send(bank, "task-f", "wealth_task_done", "friend")
+    assert await redis.hget(rewards_key("mgm-gift"), "ann") is not None
+    # The server restarted empty, say: the mirror and the benefit's marker are gone.
+    await redis.delete(
+        rewards_key("mgm-gift"), rewards_live_key("mgm-gift"), BenefitKeys("mgm-gift").live
+    )
+    resp = await claim(bank, settings, "mgm-gift", "ann")
+    assert resp.status == 202, await resp.text()
+    assert (await claim(bank, settings, "mgm-gift", "friend")).status == 403

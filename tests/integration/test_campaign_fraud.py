@@ -4,8 +4,13 @@ budget. Each is refused, and the refusal is what the funnel and progress show.""
 
 from __future__ import annotations
 
-import asyncpg
+import asyncio
+from dataclasses import replace
 
+import asyncpg
+from redis.asyncio import Redis
+
+from claim_service.claims.writer import ClaimWriter
 from claim_service.config import Settings
 from tests.helpers import admin
 from tests.integration.campaign_kit import (
@@ -202,3 +207,27 @@ async def test_the_budget_is_never_exceeded(bank: Client, settings: Settings) ->
     cy = (await progress(bank, settings, "points-bound", "cy"))["rewards"]
     assert [(r["level"], r["state"]) for r in cy] == [(2, "released"), (3, "over_budget")]
     assert await balance(bank, settings, "cy") == 100
+
+
+async def test_a_running_writer_releases_points_when_the_cool_off_ends(
+    bank: Client, settings: Settings, redis: Redis, pool: asyncpg.Pool
+) -> None:
+    await put_campaign(bank, settings, "mgm", invitees_required=1, cool_off_days=1)
+    code = await code_for(bank, settings, "mgm", "ann")
+    # Qualified a day less two seconds ago: held for two more seconds.
+    await send(bank, "open-f", "account_opened", "friend", referral_code=code, days_ago=1)
+    await send(bank, "task-f", "wealth_task_done", "friend", days_ago=1 - 2 / 86_400)
+    state = await pool.fetchval("SELECT state FROM campaign_rewards")
+    assert state == "held" and await balance(bank, settings, "ann") == 0
+    writer = ClaimWriter(redis, pool, replace(settings, rewards_release_every_s=0.2))
+    stop = asyncio.Event()
+    running = asyncio.create_task(writer.run(stop))
+    try:
+        for _ in range(50):
+            if await pool.fetchval("SELECT state FROM campaign_rewards") == "released":
+                break
+            await asyncio.sleep(0.2)
+    finally:
+        stop.set()
+        await running
+    assert await balance(bank, settings, "ann") == 100

@@ -20,7 +20,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, cast
 
 import asyncpg
@@ -95,10 +97,16 @@ class ClaimWriter:
         if self.settings.reconcile_every_s > 0:  # drift is logged and exported, not repaired
             drift = Reconciler(self.pool, self.redis, self.settings)
             checks.append(asyncio.create_task(drift.watch(stop, self.settings.reconcile_every_s)))
-        if self.settings.points_expire_every_s > 0:
-            checks.append(asyncio.create_task(self._expire_points(stop)))
-        if self.settings.rewards_release_every_s > 0:
-            checks.append(asyncio.create_task(self._release_rewards(stop)))
+        if self.settings.points_expire_every_s > 0:  # expired points lots written off
+            expire = partial(expire_due, self.pool, self.redis)
+            every = self.settings.points_expire_every_s
+            checks.append(asyncio.create_task(self._every(stop, every, "points expiry", expire)))
+        if self.settings.rewards_release_every_s > 0:  # campaign rewards out of their cool-off
+            release = partial(release_due, self.pool, self.redis)
+            every = self.settings.rewards_release_every_s
+            checks.append(
+                asyncio.create_task(self._every(stop, every, "campaign reward release", release))
+            )
         try:
             await self._run(stop)
         finally:
@@ -107,24 +115,14 @@ class ClaimWriter:
             await asyncio.gather(*checks, return_exceptions=True)
         log.info("writer %s stopped: %s", self.consumer, self.stats)
 
-    async def _expire_points(self, stop: asyncio.Event) -> None:
-        """Write off expired points lots every ``points_expire_every_s``."""
+    async def _every(
+        self, stop: asyncio.Event, every_s: float, what: str, job: Callable[[], Awaitable[Any]]
+    ) -> None:
+        """Run ``job`` every ``every_s`` until ``stop``; a backend's failure is logged and
+        the next turn tries again."""
         while not stop.is_set():
             try:
-                await expire_due(self.pool, self.redis)
-            except (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("points expiry failed (%s: %s)", type(exc).__name__, exc)
-            try:
-                await asyncio.wait_for(stop.wait(), self.settings.points_expire_every_s)
-            except TimeoutError:
-                pass
-
-    async def _release_rewards(self, stop: asyncio.Event) -> None:
-        """Release campaign rewards whose cool-off is over every ``rewards_release_every_s``
-        (points credited through the ledger, once per reward)."""
-        while not stop.is_set():
-            try:
-                await release_due(self.pool, self.redis)
+                await job()
             except (
                 RedisError,
                 OSError,
@@ -132,9 +130,9 @@ class ClaimWriter:
                 asyncpg.InterfaceError,
                 BackendUnavailable,
             ) as exc:
-                log.warning("campaign reward release failed (%s: %s)", type(exc).__name__, exc)
+                log.warning("%s failed (%s: %s)", what, type(exc).__name__, exc)
             try:
-                await asyncio.wait_for(stop.wait(), self.settings.rewards_release_every_s)
+                await asyncio.wait_for(stop.wait(), every_s)
             except TimeoutError:
                 pass
 

@@ -170,8 +170,15 @@ class Settings:
             raise ConfigError(
                 "CLAIM_REWARDS_RELEASE_EVERY_S must be 0 (never) or seconds up to 86400"
             )
-        if "{code}" not in self.referral_link or len(self.referral_link) > 512:
-            raise ConfigError("CLAIM_REFERRAL_LINK must contain {code} (and may use {campaign})")
+        try:
+            self.referral_link.format(campaign="c", code="C")
+            usable = "{code}" in self.referral_link and len(self.referral_link) <= 512
+        except (KeyError, IndexError, ValueError):
+            usable = False
+        if not usable:
+            raise ConfigError(
+                "CLAIM_REFERRAL_LINK must contain {code}, may use {campaign} and no other {…}"
+            )
         self._validate_redis()
 
     def _validate_redis(self) -> None:

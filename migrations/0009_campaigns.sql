@@ -59,8 +59,8 @@ CREATE TABLE referral_refusals (
     PRIMARY KEY (campaign_id, invitee_id, attempt)
 );
 
--- One reward per (campaign, member, level): a referrer's at invitees_required and at each
--- tier's count, a team member's at the team's size. Counted against the budget unless
+-- One reward per (campaign, member, level, code): a referrer's at invitees_required and at
+-- each tier's count, a team member's for that team. Counted against the budget unless
 -- revoked or over_budget.
 CREATE TABLE campaign_rewards (
     reward_id    bigserial PRIMARY KEY,
@@ -76,7 +76,7 @@ CREATE TABLE campaign_rewards (
     granted_at   timestamptz NOT NULL DEFAULT now(),
     released_at  timestamptz,
     revoked_at   timestamptz,
-    UNIQUE (campaign_id, user_id, level)
+    UNIQUE (campaign_id, user_id, level, code)
 );
 CREATE INDEX campaign_rewards_due ON campaign_rewards (hold_until) WHERE state = 'held';
 CREATE INDEX campaign_rewards_benefit ON campaign_rewards (benefit_id, user_id)

@@ -26,7 +26,7 @@ import itertools
 import re
 import secrets
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from claim_service.domain.bank_events import EVENT_TYPES, REWARD_EVENT
@@ -51,6 +51,8 @@ MAX_TEAM_TTL_S = 90 * 86_400
 DEFAULT_TEAM_TTL_S = 7 * 86_400
 MAX_NAME = 128
 MAX_FINGERPRINT = 128
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9998, 12, 31, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -202,6 +204,9 @@ def parse_campaign(campaign_id: str, data: Any) -> Campaign:
     ends_at = _timestamp(data.get("ends_at"), "ends_at")
     if ends_at <= starts_at:
         raise ConflictingFields("ends_at must be after starts_at", field="ends_at")
+    for name, moment in (("starts_at", starts_at), ("ends_at", ends_at)):
+        if not EARLIEST <= moment <= LATEST:  # PostgreSQL stores it, with a late window
+            raise ConflictingFields(f"{name} must be in the years 1970..9998", field=name)
     qualify = data.get("qualify_event")
     if qualify not in QUALIFY_EVENTS:
         raise ValidationError(

@@ -21,6 +21,7 @@ from claim_service.claims.engine import MAX_ACCOUNT, MAX_REQUEST_ID
 from claim_service.claims.records import find_claim, format_time, member_claims
 from claim_service.claims.views import member_listing
 from claim_service.domain import periods
+from claim_service.domain.bank_events import REWARD_EVENT
 from claim_service.domain.catalogue import ID_RE, MAX_CHOOSE
 from claim_service.errors import BackendUnavailable, NotFoundError, ValidationError
 from claim_service.fulfilment.vouchers import reveal
@@ -254,6 +255,10 @@ def _decision_response(decision: ClaimDecision, tz: ZoneInfo) -> web.Response:
     elif decision.code == "not_eligible" and decision.needs is not None:
         event, days = decision.needs
         message = f"this benefit needs a {event} event in the last {days} day(s)"
+        if event == REWARD_EVENT:
+            message = (
+                f"this benefit is a campaign's reward, claimable {days} day(s) from its release"
+            )
         extra["eligibility"] = {"event": event, "within_days": days}
     elif decision.code == "quota":
         message = "you have used your quota for this period"

@@ -60,10 +60,12 @@ async def grant(conn: Any, campaign: Campaign, code: str, grants: list[Grant]) -
     fresh = []
     for g in grants:
         state = await conn.fetchval(
-            "SELECT state FROM campaign_rewards WHERE campaign_id=$1 AND user_id=$2 AND level=$3",
+            """SELECT state FROM campaign_rewards
+               WHERE campaign_id = $1 AND user_id = $2 AND level = $3 AND code = $4""",
             campaign.campaign_id,
             g.user_id,
             g.level,
+            code,
         )
         if state is None or state == "revoked":
             fresh.append(g)
@@ -79,8 +81,8 @@ async def grant(conn: Any, campaign: Campaign, code: str, grants: list[Grant]) -
             """INSERT INTO campaign_rewards
                    (campaign_id, user_id, level, code, benefit_id, points, state, hold_until)
                VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-               ON CONFLICT (campaign_id, user_id, level) DO UPDATE SET
-                   code = EXCLUDED.code, benefit_id = EXCLUDED.benefit_id,
+               ON CONFLICT (campaign_id, user_id, level, code) DO UPDATE SET
+                   benefit_id = EXCLUDED.benefit_id,
                    points = EXCLUDED.points, state = EXCLUDED.state,
                    hold_until = EXCLUDED.hold_until, granted_at = now(),
                    released_at = NULL, revoked_at = NULL""",
@@ -106,16 +108,17 @@ async def grant(conn: Any, campaign: Campaign, code: str, grants: list[Grant]) -
 
 
 async def revoke_held(
-    conn: Any, campaign_id: str, users: Iterable[str], *, above_level: int = 0
+    conn: Any, campaign_id: str, code: str, users: Iterable[str], *, above_level: int = 0
 ) -> list[tuple[str, str]]:
-    """Revoke the still-held rewards of ``users`` above ``above_level`` (in the caller's
-    transaction). Returns the (benefit id, member) pairs whose mirror changed."""
+    """Revoke the still-held rewards ``code`` earned ``users`` above ``above_level`` (in the
+    caller's transaction). Returns the (benefit id, member) pairs whose mirror changed."""
     rows = await conn.fetch(
         """UPDATE campaign_rewards SET state = 'revoked', revoked_at = now()
-           WHERE campaign_id = $1 AND user_id = ANY($2::text[]) AND level > $3
+           WHERE campaign_id = $1 AND code = $2 AND user_id = ANY($3::text[]) AND level > $4
              AND state = 'held' AND hold_until > now()
            RETURNING benefit_id, user_id""",
         campaign_id,
+        code,
         list(users),
         above_level,
     )

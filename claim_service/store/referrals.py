@@ -358,7 +358,11 @@ async def _closed(pool: asyncpg.Pool, event: BankEvent, changes: Changes) -> lis
             outcomes.append(Outcome(campaign.campaign_id, "revoked", None, code.user_id))
             if campaign.type == "team":
                 members = await referral_settle.team_members(conn, code)
-                changes.add(await campaign_rewards.revoke_held(conn, campaign.campaign_id, members))
+                changes.add(
+                    await campaign_rewards.revoke_held(
+                        conn, campaign.campaign_id, code.code, members
+                    )
+                )
                 await conn.execute(
                     "UPDATE referral_codes SET completed_at = NULL WHERE code = $1", code.code
                 )
@@ -371,7 +375,7 @@ async def _closed(pool: asyncpg.Pool, event: BankEvent, changes: Changes) -> lis
                 )
                 changes.add(
                     await campaign_rewards.revoke_held(
-                        conn, campaign.campaign_id, [code.user_id], above_level=count
+                        conn, campaign.campaign_id, code.code, [code.user_id], above_level=count
                     )
                 )
     return outcomes

@@ -269,3 +269,17 @@ async def test_a_released_reward_survives_redis_losing_its_mirror(
     resp = await claim(bank, settings, "mgm-gift", "ann")
     assert resp.status == 202, await resp.text()
     assert (await claim(bank, settings, "mgm-gift", "friend")).status == 403
+
+
+async def test_a_member_in_two_teams_is_rewarded_by_each(bank: Client, settings: Settings) -> None:
+    await put_campaign(bank, settings, "duo", type="team", invitees_required=1)
+    first = await code_for(bank, settings, "duo", "opener")
+    await send(bank, "open-both", "account_opened", "both", referral_code=first)
+    second = await code_for(bank, settings, "duo", "both")  # the new customer opens a team too
+    await send(bank, "open-last", "account_opened", "last", referral_code=second)
+    for member in ("opener", "both", "last"):
+        await send(bank, f"task-{member}", "wealth_task_done", member)
+    state = await progress(bank, settings, "duo", "both")
+    assert state["team"]["state"] == "complete" and len(state["rewards"]) == 2
+    assert await balance(bank, settings, "both") == 200
+    assert await balance(bank, settings, "opener") == 100 == await balance(bank, settings, "last")

@@ -486,6 +486,7 @@ async def test_every_protected_route_needs_credentials(client: Client, settings:
         url = url.replace("{period}", periods.current_period(settings.tz))
         url = url.replace("{partner_id}", "p1").replace("{option_id}", "iqiyi")
         url = url.replace("{zone_id}", "z1").replace("{user_id}", "m1")
+        url = url.replace("{campaign_id}", "c1")
         wrong = [{}, {"Authorization": "Bearer wrong"}]
         # Each kind of credential opens only its own door.
         if path.startswith("/admin/"):

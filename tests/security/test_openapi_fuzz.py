@@ -55,8 +55,8 @@ BENEFIT, PARTNER = "video-monthly", "videohub"
 # know (credentials, unknown ids, tier, quota and other conflicts, sold out or closed, paused,
 # not open yet, too few points). Never 400 or 413, never 5xx.
 ACCEPTED = ["2xx", "401", "402", "403", "404", "409", "410", "423", "425"]
-# A benefit's fields, or the points rules, can also contradict each other in ways no schema
-# states (documented: 422); nothing else can.
+# A benefit's fields, the points rules, or a campaign's fields can also contradict each other
+# in ways no schema states (documented: 422); nothing else can.
 ACCEPTED_BENEFIT = [*ACCEPTED, "422"]
 # A line ``serve`` logged at ERROR or above, or a traceback: a finding whatever the response.
 SERVER_FAULT = re.compile(r" (ERROR|CRITICAL) |Traceback")
@@ -141,6 +141,10 @@ api = schemathesis.openapi.from_dict(
                 },
                 {
                     "include-operation-id": "putPointsRules",
+                    "checks": {"positive_data_acceptance": {"expected-statuses": ACCEPTED_BENEFIT}},
+                },
+                {  # ends_at before starts_at, tiers out of order, a points budget without points
+                    "include-operation-id": "putCampaign",
                     "checks": {"positive_data_acceptance": {"expected-statuses": ACCEPTED_BENEFIT}},
                 },
             ],

@@ -36,6 +36,10 @@ def test_env_is_parsed_and_secrets_are_hidden() -> None:
         {"CLAIM_BODY_TIMEOUT_S": "soon"},
         {"CLAIM_BODY_TIMEOUT_S": "nan"},
         {"CLAIM_MAX_CONNECTIONS": "1"},
+        {"CLAIM_REFERRAL_LINK": "https://bank.example/r/"},
+        {"CLAIM_REFERRAL_LINK": "https://bank.example/r/{code}?utm={source}"},
+        {"CLAIM_REFERRAL_LINK": "https://bank.example/r/{code}{"},
+        {"CLAIM_REWARDS_RELEASE_EVERY_S": "-1"},
     ],
 )
 def test_bad_settings_are_refused(env: dict[str, str]) -> None:

@@ -204,9 +204,9 @@ def parse_campaign(campaign_id: str, data: Any) -> Campaign:
     ends_at = _timestamp(data.get("ends_at"), "ends_at")
     if ends_at <= starts_at:
         raise ConflictingFields("ends_at must be after starts_at", field="ends_at")
-    for name, moment in (("starts_at", starts_at), ("ends_at", ends_at)):
+    for where, moment in (("starts_at", starts_at), ("ends_at", ends_at)):
         if not EARLIEST <= moment <= LATEST:  # PostgreSQL stores it, with a late window
-            raise ConflictingFields(f"{name} must be in the years 1970..9998", field=name)
+            raise ConflictingFields(f"{where} must be in the years 1970..9998", field=where)
     qualify = data.get("qualify_event")
     if qualify not in QUALIFY_EVENTS:
         raise ValidationError(

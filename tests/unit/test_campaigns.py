@@ -12,6 +12,7 @@ from claim_service.errors import ValidationError
 
 BASE: dict[str, Any] = {
     "type": "referral",
+    "name": "Invite two friends",
     "starts_at": "2026-12-01T00:00:00+08:00",
     "ends_at": "2027-03-01T00:00:00+08:00",
     "qualify_event": "first_swipe",
@@ -23,7 +24,7 @@ BASE: dict[str, Any] = {
 
 def test_a_campaign_round_trips() -> None:
     campaign = parse_campaign("mgm", {**BASE, "tiers": [{"count": 3.0, "reward": {"points": 5}}]})
-    assert campaign.levels()[1][0] == 3
+    assert campaign.levels()[1][0] == 3 and campaign.name == "Invite two friends"
     assert parse_campaign("mgm", campaign.to_json()) == campaign
 
 
